@@ -1,0 +1,1 @@
+"""Subcommands of the ``devmodel`` command line, one module each."""
