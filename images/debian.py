@@ -30,12 +30,15 @@ class DebianError(RuntimeError):
     """A package could not be fetched; the message says what to do."""
 
 
-def host_mirror() -> str:
-    """The Debian archive URI the host's apt uses (first ``debian`` archive found)."""
+def host_mirror(sources: list[Path] | None = None) -> str:
+    """The Debian archive URI the host's apt uses (first ``debian`` archive found).
+
+    Both one-line (``deb [opts] URI suite``) and deb822 (``URIs:``) sources are read.
+    """
     env = os.environ.get("DEVMODEL_DEBIAN_MIRROR")
     if env:
         return env.rstrip("/")
-    for path in SOURCE_FILES:
+    for path in SOURCE_FILES if sources is None else sources:
         if not path.is_file() or path.suffix not in ("", ".list", ".sources"):
             continue
         for uri in re.findall(r"(?:^deb(?:\s+\[[^\]]*\])?\s+|^URIs:\s*)(\S+)", path.read_text(errors="replace"), re.M):
