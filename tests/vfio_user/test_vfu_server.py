@@ -1,0 +1,117 @@
+"""Server lifecycle: sockets, disconnect behaviour (spec "Client Disconnection"), many devices."""
+
+import os
+import socket
+import stat
+import time
+
+import pytest
+
+from vfio_user.client import Client
+from vfio_user.device import PciIrq
+from vfio_user import protocol as P
+from vfio_user.server import Server
+
+
+def test_socket_mode_0600(vfu) -> None:
+    assert stat.S_IMODE(os.stat(vfu.path).st_mode) == 0o600
+
+
+def test_disconnect_unmaps_closes_eventfds_detaches_keeps_state(vfu, tdev) -> None:
+    c = vfu.client()
+    rd, wr = os.pipe()
+    c.set_irqs(PciIrq.MSIX, P.IRQ_SET_DATA_EVENTFD | P.IRQ_SET_ACTION_TRIGGER, 0, 1, [wr])
+    os.close(wr)
+    c.map_memory(0x10000, 0x1000)
+    c.region_write(0, tdev.REG_SCRATCH, b"keep")
+    c.close()
+    assert tdev.fd_closed_by_peer(rd)  # IRQ eventfd closed
+    os.close(rd)
+    for _ in range(100):
+        if vfu.device.events == ["attach", "detach"]:
+            break
+        time.sleep(0.01)
+    assert vfu.device.events == ["attach", "detach"]
+    c2 = vfu.client()
+    assert c2.region_read(0, tdev.REG_SCRATCH, 4) == b"keep"       # state kept
+    assert c2.request(P.Command.DMA_UNMAP, P.DMA_UNMAP.pack(24, 0, 0x10000, 0x1000)).error == 2  # maps gone
+    c2.close()
+
+
+def test_second_client_refused_while_attached(vfu) -> None:
+    c = vfu.client()
+    other = Client(vfu.path, timeout=2)
+    with pytest.raises((ConnectionError, OSError)):
+        other.negotiate()
+    other.close()
+    assert c.device_info().num_irqs == 5
+    c.close()
+
+
+def test_stop_removes_socket_and_refuses_connections(sockdir, tdev) -> None:
+    s = Server()
+    dev = tdev.VfuTestDevice()
+    path = os.path.join(sockdir, "a.sock")
+    s.add_device(path, dev)
+    s.start_in_thread()
+    c = Client(path)
+    c.negotiate()
+    s.stop()
+    assert not os.path.exists(path)
+    assert dev.events == ["attach", "detach"]
+    c.close()
+    dev.close()
+
+
+def test_stale_socket_file_replaced_live_one_refused(sockdir, tdev) -> None:
+    path = os.path.join(sockdir, "stale.sock")
+    old = socket.socket(socket.AF_UNIX)
+    old.bind(path)
+    old.close()  # leaves the file behind, nobody listening
+    s = Server()
+    s.add_device(path, tdev.VfuTestDevice())
+    s.start_in_thread()
+    s2 = Server()
+    with pytest.raises(OSError):
+        s2.add_device(path, tdev.VfuTestDevice())  # a live server listens there
+    s2.stop()
+    s.stop()
+
+
+def test_many_devices_one_loop(sockdir, tdev) -> None:
+    s = Server()
+    devs = [tdev.VfuTestDevice() for _ in range(3)]
+    paths = [os.path.join(sockdir, f"fn{i}.sock") for i in range(3)]
+    for p, d in zip(paths, devs):
+        s.add_device(p, d)
+    threads_before = s.start_in_thread()
+    clients = [Client(p) for p in paths]
+    for i, c in enumerate(clients):
+        c.negotiate()
+        c.region_write(0, tdev.REG_SCRATCH, bytes([i]) * 4)
+    for i, c in enumerate(clients):
+        assert c.region_read(0, tdev.REG_SCRATCH, 4) == bytes([i]) * 4
+        c.close()
+    s.stop()
+    assert not threads_before.is_alive()
+    for d in devs:
+        d.close()
+
+
+def test_extra_reader_runs_in_loop(vfu) -> None:
+    fired = []
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+
+    def cb():
+        os.eventfd_read(efd)
+        fired.append(vfu.server.in_loop_thread())
+
+    vfu.server.add_reader(efd, cb)
+    os.eventfd_write(efd, 1)
+    for _ in range(200):
+        if fired:
+            break
+        time.sleep(0.005)
+    assert fired == [True]
+    vfu.server.remove_reader(efd)
+    os.close(efd)

@@ -1,0 +1,979 @@
+"""Pure-Python vfio-user server: one event loop for every device socket.
+
+One :class:`Server` owns one epoll loop that serves any number of listening UNIX sockets
+(one per PCI function), their client connections, and extra fds that device models watch.
+Requests are answered from the loop thread with :data:`MODEL_LOCK` held; every byte that
+was readable is parsed and all replies of the batch go out in one ``sendmsg`` (a Python
+server is only fast when it amortises system calls).
+
+Server-to-client DMA (DMA_READ/DMA_WRITE messages, for client memory mapped without an
+fd) is only ever sent by a device worker thread, after the replies of the batch that
+scheduled the work went out, and the loop keeps serving requests while such a DMA waits
+for its reply: QEMU serves those messages from its main loop and drops the device when a
+reply arrives late (see the project's vfio-user reference notes).
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import queue
+import select
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from devmodel.memory import BusError
+from vfio_user.device import (
+    MODEL_LOCK,
+    VFIO_REGION_INFO_FLAG_CAPS,
+    VFIO_REGION_INFO_FLAG_MMAP,
+    DmaError,
+    DmaFromHandlerError,
+    RegionInfo,
+    VfioUserDevice,
+)
+from vfio_user.dma import DmaMap
+from vfio_user.irqs import IrqState
+from vfio_user.protocol import (
+    CAP_HEADER,
+    DEVICE_FEATURE,
+    DEVICE_INFO,
+    DMA_ACCESS,
+    DMA_MAP,
+    DMA_MAP_FLAGS_VALID,
+    DMA_UNMAP,
+    DMA_UNMAP_FLAG_ALL,
+    HEADER_SIZE,
+    IRQ_INFO,
+    PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
+    REGION_ACCESS,
+    REGION_INFO,
+    REGION_INFO_CAP_SPARSE_MMAP,
+    REGION_IO_FDS,
+    SPARSE_AREA,
+    SPARSE_MMAP,
+    SPARSE_MMAP_CAP_VERSION,
+    WRITE_MULTI,
+    WRITE_MULTI_DATA_MAX,
+    WRITE_MULTI_ENTRY,
+    WRITE_MULTI_MAX,
+    Capabilities,
+    Command,
+    Message,
+    MessageReader,
+    MsgType,
+    ProtocolError,
+    build_version,
+    error_reply,
+    pack_header,
+    parse_version,
+)
+
+log = logging.getLogger(__name__)
+
+#: Bytes read per recvmsg: enough for hundreds of pipelined small requests.
+RECV_SIZE = 256 * 1024
+#: Ancillary buffer: room for the kernel's per-message maximum so excess fds are seen.
+ANC_SIZE = socket.CMSG_SPACE(253 * 4)
+#: Seconds a blocked send may take before the client is considered dead.
+SEND_TIMEOUT = 10.0
+#: Seconds a worker waits for the client's answer to a DMA_READ/DMA_WRITE message.
+DMA_TIMEOUT = 10.0
+
+_REPLY = int(MsgType.REPLY)
+#: Requests whose fds the handler keeps (any other request's fds are closed).
+_FD_CONSUMERS = frozenset({Command.DMA_MAP, Command.DEVICE_SET_IRQS})
+_HDR = struct.Struct("=HHIII")
+
+
+class MessageDmaError(BusError, DmaError):
+    """A message DMA failed: the client answered with an error, late, or went away.
+
+    It is a :class:`BusError` (what bus masters catch) and a :class:`DmaError` carrying the
+    errno (what the device contract names).
+    """
+
+    def __init__(self, addr: int, size: int, write: bool, err: int, reason: str) -> None:
+        BusError.__init__(self, addr, size, write, reason)
+        self.errno = err
+        self.strerror = reason
+
+    def __str__(self) -> str:
+        return BusError.__str__(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Device workers and the context handed to devices
+
+
+class _Worker:
+    """The device's worker thread: runs call_soon() work with MODEL_LOCK held."""
+
+    def __init__(self, name: str) -> None:
+        self.queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=f"vfu-worker-{name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            fn = self.queue.get()
+            if fn is None:
+                return
+            try:
+                with MODEL_LOCK:
+                    fn()
+            except Exception:  # a device bug must not kill the worker
+                log.exception("device work %r failed", fn)
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=5)
+
+
+class _DmaWaiter:
+    """One outstanding DMA_READ/DMA_WRITE message."""
+
+    __slots__ = ("command", "addr", "count", "event", "error", "data")
+
+    def __init__(self, command: int, addr: int, count: int) -> None:
+        self.command = command
+        self.addr = addr
+        self.count = count
+        self.event = threading.Event()
+        self.error = 0
+        self.data = b""
+
+
+class ClientMemory:
+    """:class:`devmodel.memory.Memory` over the client's DMA map.
+
+    Mmapped windows are copied directly; fd-less windows are reached with DMA_READ /
+    DMA_WRITE messages, chunked by the client's ``max_data_xfer_size``, while the calling
+    worker releases MODEL_LOCK. Unmapped bytes raise BusError before anything is written.
+    """
+
+    def __init__(self, conn: "_Connection") -> None:
+        self._conn = conn
+
+    def read(self, addr: int, size: int) -> bytes:
+        return self._access(addr, size, None)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self._access(addr, len(data), bytes(data))
+
+    def read64(self, addr: int) -> int:
+        return int.from_bytes(self.read(addr, 8), "little")
+
+    def write64(self, addr: int, value: int) -> None:
+        self.write(addr, value.to_bytes(8, "little"))
+
+    def _access(self, addr: int, size: int, data: bytes | None) -> bytes:
+        conn = self._conn
+        write = data is not None
+        if conn.server.in_loop_thread():
+            raise DmaFromHandlerError("DMA from the event-loop thread; use ctx.call_soon()")
+        if conn.closed:
+            raise MessageDmaError(addr, size, write, errno.ENOTCONN, "client disconnected")
+        need = 2 if write else 1  # DMA_FLAG_WRITE / DMA_FLAG_READ
+        out = bytearray()
+        remote: list[tuple[int, int, int]] = []  # (addr, length, offset in data/out)
+        with conn.dma.lock:
+            pieces = conn.dma.cover(addr, size)
+            if pieces is None:
+                raise BusError(addr, size, write, "not mapped")
+            if any(not (w.flags & need) for w, _, _ in pieces):
+                raise BusError(addr, size, write, "DMA map forbids the access")
+            pos = 0
+            for w, off, n in pieces:
+                if w.view is not None:
+                    if write:
+                        w.view[off:off + n] = data[pos:pos + n]  # type: ignore[index]
+                    else:
+                        out += w.view[off:off + n]
+                else:
+                    remote.append((w.addr + off, n, pos))
+                    if not write:
+                        out += bytes(n)
+                pos += n
+        if remote:
+            conn.message_dma(remote, data, out)
+        log.debug("DMA %s %#x+%#x (%d message pieces)", "write" if write else "read", addr, size, len(remote))
+        return bytes(out)
+
+
+class _Context:
+    """The :class:`vfio_user.device.DeviceContext` of one connection."""
+
+    def __init__(self, conn: "_Connection") -> None:
+        self._conn = conn
+        self.dma = ClientMemory(conn)
+        self._readers: set[int] = set()
+
+    def trigger_irq(self, index: int, subindex: int = 0) -> bool:
+        with MODEL_LOCK:
+            if self._conn.closed or self._conn.irqs is None:
+                return False
+            return self._conn.irqs.trigger(index, subindex)
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        self._conn.server._schedule(self._conn.endpoint.worker, fn)
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        if self._conn.closed:
+            raise RuntimeError("device context is detached")
+        self._readers.add(fd)
+        self._conn.server.add_reader(fd, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        if fd in self._readers:
+            self._readers.discard(fd)
+            self._conn.server.remove_reader(fd)
+
+    def _close(self) -> None:
+        for fd in list(self._readers):
+            self.remove_reader(fd)
+
+
+# ---------------------------------------------------------------------------------------
+# Endpoints and connections
+
+
+class _Endpoint:
+    """One listening socket, its device and at most one attached client."""
+
+    def __init__(self, path: str, device: VfioUserDevice, sock: socket.socket) -> None:
+        self.path = path
+        self.device = device
+        self.sock = sock
+        self.worker = _Worker(os.path.basename(path))
+        self.conn: _Connection | None = None
+
+
+class _Connection:
+    """One client: protocol state, DMA map, IRQ eventfds."""
+
+    def __init__(self, server: "Server", endpoint: _Endpoint, sock: socket.socket) -> None:
+        self.server = server
+        self.endpoint = endpoint
+        self.device = endpoint.device
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.reader = MessageReader(server.max_msg_size)
+        # A preallocated receive buffer: a fresh 256 KiB bytes per recvmsg would cost an
+        # mmap/munmap pair per message and halve the round-trip rate.
+        self.rbuf = bytearray(RECV_SIZE)
+        self.rview = memoryview(self.rbuf)
+        self.negotiated = False
+        self.closed = False
+        self.client_caps = Capabilities()
+        self.server_caps: Capabilities | None = None
+        self.dma = DmaMap(server.max_dma_maps)
+        self.irqs: IrqState | None = None
+        self.num_regions = 0
+        self.regions: dict[int, RegionInfo] = {}
+        self.ctx = _Context(self)
+        self.send_lock = threading.Lock()
+        self.pending: dict[int, _DmaWaiter] = {}
+        self._next_id = 0
+        self._id_lock = threading.Lock()
+        self.handlers: dict[int, Callable[[Message], tuple[bytes, list[int]]]] = {
+            Command.VERSION: self._version,
+            Command.DMA_MAP: self._dma_map,
+            Command.DMA_UNMAP: self._dma_unmap,
+            Command.DEVICE_GET_INFO: self._get_info,
+            Command.DEVICE_GET_REGION_INFO: self._get_region_info,
+            Command.DEVICE_GET_REGION_IO_FDS: self._get_region_io_fds,
+            Command.DEVICE_GET_IRQ_INFO: self._get_irq_info,
+            Command.DEVICE_SET_IRQS: self._set_irqs,
+            Command.REGION_READ: self._region_read,
+            Command.REGION_WRITE: self._region_write,
+            Command.DEVICE_RESET: self._reset,
+            Command.REGION_WRITE_MULTI: self._write_multi,
+            Command.DEVICE_FEATURE: self._device_feature,
+        }
+
+    # -- I/O ----------------------------------------------------------------------------
+
+    def on_readable(self) -> None:
+        try:
+            nbytes, anc, flags, _ = self.sock.recvmsg_into([self.rbuf], ANC_SIZE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.info("%s: receive failed: %s", self.endpoint.path, exc)
+            self.close()
+            return
+        fds = _fds_from_ancillary(anc)
+        if flags & socket.MSG_CTRUNC:
+            fds.append(-1)  # marks the message as having lost fds: it will be rejected
+        if not nbytes:
+            _close_fds(fds)
+            log.info("%s: client disconnected", self.endpoint.path)
+            self.close()
+            return
+        msgs = self.reader.feed(self.rview[:nbytes], fds)
+        if not msgs:
+            return
+        out: list[bytes] = []
+        debug = log.isEnabledFor(logging.DEBUG)
+        with MODEL_LOCK:
+            for m in msgs:
+                if debug:
+                    log.debug("%s: <- %s id=%d flags=%#x size=%d fds=%d", self.endpoint.path,
+                              m.command_name(), m.msg_id, m.flags, len(m.payload), len(m.fds))
+                reply, reply_fds = self.handle(m)
+                if reply is None:
+                    continue
+                if reply_fds:
+                    # fds travel with the first byte of a sendmsg: give them their own call
+                    self._send(b"".join(out), [])
+                    out.clear()
+                    self._send(reply, reply_fds)
+                else:
+                    out.append(reply)
+                if self.closed:
+                    return
+        if out:
+            self._send(out[0] if len(out) == 1 else b"".join(out), [])
+
+    def _send(self, data: bytes, fds: list[int]) -> None:
+        if not data or self.closed:
+            return
+        try:
+            with self.send_lock:
+                _send_all(self.sock, data, fds)
+        except OSError as exc:
+            log.info("%s: send failed: %s", self.endpoint.path, exc)
+            self.server._call_in_loop(self.close)
+
+    def close(self) -> None:
+        """Client gone: unmap all, close eventfds, detach the device, keep its state."""
+        if self.closed:
+            return
+        self.closed = True
+        self.server._unregister(self.fd)
+        with MODEL_LOCK:
+            self.ctx._close()
+            if self.negotiated:
+                try:
+                    self.device.detach()
+                except Exception:
+                    log.exception("%s: device.detach failed", self.endpoint.path)
+            if self.irqs is not None:
+                self.irqs.close_all()
+            self.dma.clear()
+        for w in list(self.pending.values()):
+            w.error = errno.ENOTCONN
+            w.event.set()
+        self.pending.clear()
+        _close_fds(self.reader.pending_fds())
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.endpoint.conn is self:
+            self.endpoint.conn = None
+        log.info("%s: connection closed, device detached", self.endpoint.path)
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    def handle(self, m: Message) -> tuple[bytes | None, list[int]]:
+        """Handle one message; returns (reply bytes or None, fds to pass with it)."""
+        if m.bad_size:
+            return self._reject(m, errno.EINVAL, "bad message_size")
+        mtype = m.flags & 0xF
+        if mtype == _REPLY:
+            if self._complete_dma(m):
+                return None, []
+            return self._reject(m, errno.EINVAL, "unexpected reply")
+        if mtype != MsgType.COMMAND:
+            return self._reject(m, errno.EINVAL, f"bad message type {mtype}")
+        if -1 in m.fds:
+            return self._reject(m, errno.EINVAL, "fds truncated")
+        if not self.negotiated and m.command != Command.VERSION:
+            return self._reject(m, errno.EINVAL, "request before VERSION")
+        handler = self.handlers.get(m.command)
+        if handler is None:
+            return self._reject(m, errno.EINVAL, "unknown or unsupported command")
+        try:
+            payload, fds = handler(m)
+        except ProtocolError as exc:
+            return self._reject(m, exc.errno, exc.reason)
+        except DmaFromHandlerError:
+            log.error("%s: device did DMA inside a %s handler", self.endpoint.path, m.command_name())
+            return self._reject(m, errno.EIO, "DMA from handler")
+        except OSError as exc:
+            return self._reject(m, exc.errno or errno.EIO, f"device: {exc}")
+        except Exception:
+            log.exception("%s: device failed on %s", self.endpoint.path, m.command_name())
+            return self._reject(m, errno.EIO, "device exception")
+        if m.fds and m.command not in _FD_CONSUMERS:
+            log.warning("%s: closing %d stray fds sent with %s", self.endpoint.path, len(m.fds),
+                        m.command_name())
+            _close_fds(m.fds)
+        if m.flags & 0x10:  # FLAG_NO_REPLY: processed, nothing sent
+            return None, []
+        return pack_header(m.msg_id, m.command, len(payload), _REPLY) + payload, fds
+
+    def _reject(self, m: Message, err: int, reason: str) -> tuple[bytes | None, list[int]]:
+        _close_fds(m.fds)
+        log.info("%s: %s id=%d rejected with %s: %s", self.endpoint.path, m.command_name(), m.msg_id,
+                 errno.errorcode.get(err, err), reason)
+        if m.flags & 0x10 and not m.bad_size:
+            return None, []
+        return error_reply(m.msg_id, m.command, err), []
+
+    # -- VERSION ------------------------------------------------------------------------
+
+    def _version(self, m: Message) -> tuple[bytes, list[int]]:
+        if self.negotiated:
+            raise ProtocolError(errno.EINVAL, "second VERSION")
+        if m.fds:
+            raise ProtocolError(errno.EINVAL, "VERSION carries fds")
+        major, minor, caps = parse_version(m.payload)
+        if major != PROTOCOL_MAJOR:
+            raise ProtocolError(errno.EINVAL, f"unsupported major {major}")
+        srv = self.server
+        self.client_caps = caps
+        self.server_caps = Capabilities(max_msg_fds=srv.max_msg_fds,
+                                        max_data_xfer_size=srv.max_data_xfer_size,
+                                        max_dma_maps=srv.max_dma_maps,
+                                        write_multiple=srv.write_multiple and caps.write_multiple)
+        dev = self.device
+        self.num_regions = dev.num_regions
+        self.irqs = IrqState([dev.irq_info(i) for i in range(dev.num_irqs)],
+                             srv.add_reader, srv.remove_reader)
+        self.negotiated = True
+        dev.attach(self.ctx)
+        log.info("%s: client negotiated version %d.%d caps %s", self.endpoint.path, major,
+                 minor, caps.to_json()["capabilities"])
+        return build_version(PROTOCOL_MAJOR, min(minor, PROTOCOL_MINOR), self.server_caps), []
+
+    # -- DMA map ------------------------------------------------------------------------
+
+    def _dma_map(self, m: Message) -> tuple[bytes, list[int]]:
+        p = m.payload
+        if len(p) < DMA_MAP.size:
+            raise ProtocolError(errno.EINVAL, "DMA_MAP payload too short")
+        req = DMA_MAP.unpack(p)
+        if req.argsz < DMA_MAP.size:
+            raise ProtocolError(errno.EINVAL, f"DMA_MAP argsz {req.argsz}")
+        if req.flags & ~DMA_MAP_FLAGS_VALID:
+            raise ProtocolError(errno.EINVAL, f"DMA_MAP unknown flags {req.flags:#x}")
+        if len(m.fds) > 1:
+            raise ProtocolError(errno.EINVAL, f"DMA_MAP with {len(m.fds)} fds")
+        fd = m.fds[0] if m.fds else None
+        added = self.dma.add(req.addr, req.size, req.flags, fd, req.offset)
+        _close_fds(m.fds)  # the mmap keeps its own reference
+        log.debug("DMA_MAP %#x+%#x flags %#x %s", req.addr, req.size, req.flags,
+                  "fd" if fd is not None else "no fd")
+        if added:
+            self.device.dma_changed()
+        return b"", []
+
+    def _dma_unmap(self, m: Message) -> tuple[bytes, list[int]]:
+        p = m.payload
+        if len(p) < DMA_UNMAP.size:
+            raise ProtocolError(errno.EINVAL, "DMA_UNMAP payload too short")
+        req = DMA_UNMAP.unpack(p)
+        if req.argsz < DMA_UNMAP.size:
+            raise ProtocolError(errno.EINVAL, f"DMA_UNMAP argsz {req.argsz}")
+        if m.fds:
+            raise ProtocolError(errno.EINVAL, "DMA_UNMAP carries fds")
+        if req.flags == DMA_UNMAP_FLAG_ALL:
+            if req.addr or req.size:
+                raise ProtocolError(errno.EINVAL, "DMA_UNMAP all with a range")
+            self.dma.clear()
+        elif req.flags:
+            raise ProtocolError(errno.EINVAL, f"DMA_UNMAP unsupported flags {req.flags:#x}")
+        else:
+            self.dma.remove(req.addr, req.size)
+        log.debug("DMA_UNMAP %#x+%#x flags %#x", req.addr, req.size, req.flags)
+        self.device.dma_changed()
+        return bytes(p[:DMA_UNMAP.size]), []
+
+    # -- device info --------------------------------------------------------------------
+
+    def _get_info(self, m: Message) -> tuple[bytes, list[int]]:
+        if len(m.payload) < DEVICE_INFO.size or DEVICE_INFO.unpack(m.payload).argsz < DEVICE_INFO.size:
+            raise ProtocolError(errno.EINVAL, "DEVICE_GET_INFO too short")
+        dev = self.device
+        return DEVICE_INFO.pack(DEVICE_INFO.size, dev.device_flags, self.num_regions, dev.num_irqs), []
+
+    def _region(self, index: int) -> RegionInfo:
+        info = self.regions.get(index)
+        if info is None:
+            if not 0 <= index < self.num_regions:
+                raise ProtocolError(errno.EINVAL, f"region index {index} out of range")
+            info = self.device.region_info(index)
+            self.regions[index] = info
+        return info
+
+    def _get_region_info(self, m: Message) -> tuple[bytes, list[int]]:
+        if len(m.payload) < REGION_INFO.size:
+            raise ProtocolError(errno.EINVAL, "GET_REGION_INFO payload too short")
+        req = REGION_INFO.unpack(m.payload)
+        if req.argsz < REGION_INFO.size:
+            raise ProtocolError(errno.EINVAL, f"GET_REGION_INFO argsz {req.argsz}")
+        info = self._region(req.index)
+        flags = info.flags & ~(VFIO_REGION_INFO_FLAG_MMAP | VFIO_REGION_INFO_FLAG_CAPS)
+        caps = b""
+        if info.mmap_fd is not None:
+            flags |= VFIO_REGION_INFO_FLAG_MMAP
+            if info.sparse:
+                flags |= VFIO_REGION_INFO_FLAG_CAPS
+                caps = (CAP_HEADER.pack(REGION_INFO_CAP_SPARSE_MMAP, SPARSE_MMAP_CAP_VERSION, 0)
+                        + SPARSE_MMAP.pack(len(info.sparse), 0)
+                        + b"".join(SPARSE_AREA.pack(o, s) for o, s in info.sparse))
+        needed = REGION_INFO.size + len(caps)
+        fds: list[int] = []
+        if caps and req.argsz >= needed:
+            body = REGION_INFO.pack(needed, flags, req.index, REGION_INFO.size, info.size,
+                                    info.mmap_offset) + caps
+            fds = [info.mmap_fd]  # type: ignore[list-item]
+        else:
+            body = REGION_INFO.pack(needed, flags, req.index, 0, info.size, info.mmap_offset)
+            if info.mmap_fd is not None and not caps:
+                fds = [info.mmap_fd]
+        return body, fds
+
+    def _get_region_io_fds(self, m: Message) -> tuple[bytes, list[int]]:
+        if len(m.payload) < REGION_IO_FDS.size:
+            raise ProtocolError(errno.EINVAL, "GET_REGION_IO_FDS payload too short")
+        req = REGION_IO_FDS.unpack(m.payload)
+        if req.argsz < REGION_IO_FDS.size or req.flags:
+            raise ProtocolError(errno.EINVAL, "GET_REGION_IO_FDS bad argsz or flags")
+        self._region(req.index)
+        # No region has ioeventfds: an empty sub-region list.
+        return REGION_IO_FDS.pack(REGION_IO_FDS.size, 0, req.index, 0), []
+
+    def _get_irq_info(self, m: Message) -> tuple[bytes, list[int]]:
+        if len(m.payload) < IRQ_INFO.size:
+            raise ProtocolError(errno.EINVAL, "GET_IRQ_INFO payload too short")
+        req = IRQ_INFO.unpack(m.payload)
+        assert self.irqs is not None
+        if req.argsz < IRQ_INFO.size or not 0 <= req.index < len(self.irqs.indexes):
+            raise ProtocolError(errno.EINVAL, f"GET_IRQ_INFO argsz {req.argsz} index {req.index}")
+        info = self.irqs.indexes[req.index].info
+        return IRQ_INFO.pack(IRQ_INFO.size, info.flags, req.index, info.count), []
+
+    def _set_irqs(self, m: Message) -> tuple[bytes, list[int]]:
+        assert self.irqs is not None
+        index = self.irqs.set_irqs(m.payload, m.fds)
+        self.device.irqs_changed(index)
+        return b"", []
+
+    # -- region access ------------------------------------------------------------------
+
+    def _check_access(self, region: int, offset: int, count: int) -> None:
+        info = self._region(region)
+        if info.size == 0:
+            raise ProtocolError(errno.EINVAL, f"region {region} has no size")
+        if count > self.server.max_data_xfer_size:
+            raise ProtocolError(errno.EINVAL, f"count {count} above max_data_xfer_size")
+        if offset + count > info.size:
+            raise ProtocolError(errno.EINVAL, f"region {region} access {offset:#x}+{count:#x} "
+                                              f"beyond {info.size:#x}")
+
+    def _region_read(self, m: Message) -> tuple[bytes, list[int]]:
+        p = m.payload
+        if len(p) < 16:
+            raise ProtocolError(errno.EINVAL, "REGION_READ payload too short")
+        offset, region, count = REGION_ACCESS.struct.unpack_from(p)
+        self._check_access(region, offset, count)
+        data = self.device.region_read(region, offset, count) if count else b""
+        if len(data) != count:
+            log.error("%s: region_read returned %d bytes for %d", self.endpoint.path, len(data), count)
+            raise ProtocolError(errno.EIO, "device returned a short read")
+        return p[:16] + data, []
+
+    def _region_write(self, m: Message) -> tuple[bytes, list[int]]:
+        p = m.payload
+        if len(p) < 16:
+            raise ProtocolError(errno.EINVAL, "REGION_WRITE payload too short")
+        offset, region, count = REGION_ACCESS.struct.unpack_from(p)
+        if len(p) - 16 != count:
+            raise ProtocolError(errno.EINVAL, f"REGION_WRITE count {count} vs {len(p) - 16} data bytes")
+        self._check_access(region, offset, count)
+        if count:
+            self.device.region_write(region, offset, p[16:])
+        return p[:16], []
+
+    def _write_multi(self, m: Message) -> tuple[bytes, list[int]]:
+        assert self.server_caps is not None
+        if not self.server_caps.write_multiple:
+            raise ProtocolError(errno.EINVAL, "write_multiple was not negotiated")
+        p = m.payload
+        if len(p) < WRITE_MULTI.size:
+            raise ProtocolError(errno.EINVAL, "REGION_WRITE_MULTI payload too short")
+        (n,) = WRITE_MULTI.struct.unpack_from(p)
+        if n == 0 or n > WRITE_MULTI_MAX or len(p) != WRITE_MULTI.size + n * WRITE_MULTI_ENTRY.size:
+            raise ProtocolError(errno.EINVAL, f"REGION_WRITE_MULTI wr_cnt {n} vs {len(p)} bytes")
+        entries = [WRITE_MULTI_ENTRY.unpack(p, WRITE_MULTI.size + i * WRITE_MULTI_ENTRY.size)
+                   for i in range(n)]
+        for e in entries:
+            if e.count > WRITE_MULTI_DATA_MAX:
+                raise ProtocolError(errno.EINVAL, f"REGION_WRITE_MULTI count {e.count}")
+            self._check_access(e.region, e.offset, e.count)
+        for e in entries:
+            if e.count:
+                self.device.region_write(e.region, e.offset, e.data[:e.count])
+        return WRITE_MULTI.pack(n), []
+
+    def _reset(self, m: Message) -> tuple[bytes, list[int]]:
+        if m.fds:
+            raise ProtocolError(errno.EINVAL, "DEVICE_RESET carries fds")
+        log.info("%s: DEVICE_RESET", self.endpoint.path)
+        self.device.reset()
+        return b"", []
+
+    def _device_feature(self, m: Message) -> tuple[bytes, list[int]]:
+        if len(m.payload) < DEVICE_FEATURE.size or DEVICE_FEATURE.unpack(m.payload).argsz < DEVICE_FEATURE.size:
+            raise ProtocolError(errno.EINVAL, "DEVICE_FEATURE too short")
+        raise ProtocolError(errno.ENOTSUP, "no device features (no migration)")
+
+    # -- server-to-client DMA -----------------------------------------------------------
+
+    def _alloc_id(self) -> int:
+        with self._id_lock:
+            for _ in range(0x10000):
+                self._next_id = (self._next_id + 1) & 0xFFFF
+                if self._next_id not in self.pending:
+                    return self._next_id
+        raise MessageDmaError(0, 0, False, errno.EBUSY, "no free message id")
+
+    def message_dma(self, pieces: list[tuple[int, int, int]], data: bytes | None,
+                    out: bytearray) -> None:
+        """Serve fd-less pieces with DMA_READ/DMA_WRITE messages, from a worker thread."""
+        write = data is not None
+        chunk = max(1, min(self.client_caps.max_data_xfer_size, self.server.max_data_xfer_size))
+        cmd = Command.DMA_WRITE if write else Command.DMA_READ
+        waiters: list[tuple[_DmaWaiter, int]] = []
+        msgs: list[bytes] = []
+        for addr, length, pos in pieces:
+            for off in range(0, length, chunk):
+                n = min(chunk, length - off)
+                w = _DmaWaiter(cmd, addr + off, n)
+                msg_id = self._alloc_id()
+                self.pending[msg_id] = w
+                waiters.append((w, pos + off))
+                body = DMA_ACCESS.pack(addr + off, n)
+                if write:
+                    body += data[pos + off:pos + off + n]  # type: ignore[index]
+                msgs.append(pack_header(msg_id, cmd, len(body)) + body)
+        if self.closed:
+            raise MessageDmaError(pieces[0][0], len(out), write, errno.ENOTCONN, "client disconnected")
+        self._send(b"".join(msgs), [])
+        log.debug("%s: -> %d %s message(s)", self.endpoint.path, len(msgs), cmd.name)
+        owned = MODEL_LOCK._is_owned()  # type: ignore[attr-defined]
+        state = MODEL_LOCK._release_save() if owned else None  # type: ignore[attr-defined]
+        try:
+            for w, _ in waiters:
+                if not w.event.wait(self.server.dma_timeout):
+                    w.error = errno.ETIMEDOUT
+        finally:
+            if owned:
+                MODEL_LOCK._acquire_restore(state)  # type: ignore[attr-defined]
+        for w, pos in waiters:
+            if w.error:
+                for mid, pw in list(self.pending.items()):
+                    if pw is w:
+                        self.pending.pop(mid, None)
+                raise MessageDmaError(w.addr, w.count, write, w.error,
+                                      f"{cmd.name} failed: {errno.errorcode.get(w.error, w.error)}")
+            if not write:
+                out[pos:pos + w.count] = w.data
+
+    def _complete_dma(self, m: Message) -> bool:
+        """A reply from the client: match it to an outstanding DMA message."""
+        w = self.pending.get(m.msg_id)
+        if w is None or w.command != m.command:
+            return False
+        del self.pending[m.msg_id]
+        _close_fds(m.fds)
+        if m.flags & 0x20:  # FLAG_ERROR
+            w.error = m.error or errno.EIO
+        elif w.command == Command.DMA_READ:
+            p = m.payload
+            if len(p) < DMA_ACCESS.size or len(p) - DMA_ACCESS.size != w.count:
+                w.error = errno.EIO
+            else:
+                w.data = p[DMA_ACCESS.size:]
+        log.debug("%s: <- %s reply id=%d error=%d", self.endpoint.path, m.command_name(), m.msg_id, w.error)
+        w.event.set()
+        return True
+
+
+# ---------------------------------------------------------------------------------------
+# The server
+
+
+class Server:
+    """One event loop serving vfio-user devices on UNIX sockets.
+
+    Usage: ``s = Server(); s.add_device(path, dev); s.start_in_thread(); ...; s.stop()``.
+    """
+
+    def __init__(self, *, max_msg_fds: int = 16, max_data_xfer_size: int = 1 << 20,
+                 max_dma_maps: int = 65535, write_multiple: bool = True,
+                 dma_timeout: float = DMA_TIMEOUT) -> None:
+        self.max_msg_fds = max_msg_fds
+        self.max_data_xfer_size = max_data_xfer_size
+        self.max_dma_maps = max_dma_maps
+        self.write_multiple = write_multiple
+        self.dma_timeout = dma_timeout
+        #: Largest message accepted: a full data transfer plus headers.
+        self.max_msg_size = HEADER_SIZE + 4096 + max_data_xfer_size
+        self._epoll = select.epoll()
+        self._handlers: dict[int, tuple[Callable[[], None], bool]] = {}
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._listeners: dict[int, _Endpoint] = {}
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._deferred: list[tuple[_Worker, Callable[[], None]]] = []
+        self._register(self._wake_fd, self._on_wake, locked=False)
+        self._stopping = False
+        self._closed = False
+        self._loop_ident: int | None = None
+        self._thread: threading.Thread | None = None
+        self._running = threading.Event()
+
+    # -- public API ---------------------------------------------------------------------
+
+    def add_device(self, path: str, device: VfioUserDevice) -> None:
+        """Listen on ``path`` (mode 0600) for clients of ``device``."""
+        if self._closed:
+            raise RuntimeError("server stopped")
+        path = os.fspath(path)
+        if path in self._endpoints:
+            raise ValueError(f"{path} already served")
+        _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        sock.listen(4)
+        sock.setblocking(False)
+        ep = _Endpoint(path, device, sock)
+        self._endpoints[path] = ep
+        self._listeners[sock.fileno()] = ep
+        self._register(sock.fileno(), lambda: self._accept(ep), locked=False)
+        log.info("serving %s on %s", type(device).__name__, path)
+
+    def serve_forever(self) -> None:
+        """Run the loop in this thread until :meth:`stop`."""
+        self._loop_ident = threading.get_ident()
+        self._running.set()
+        try:
+            while not self._stopping:
+                try:
+                    events = self._epoll.poll()
+                except InterruptedError:
+                    continue
+                for fd, _ in events:
+                    entry = self._handlers.get(fd)
+                    if entry is None:
+                        continue
+                    cb, locked = entry
+                    try:
+                        if locked:
+                            with MODEL_LOCK:
+                                cb()
+                        else:
+                            cb()
+                    except Exception:
+                        log.exception("event-loop callback for fd %d failed", fd)
+                if self._deferred:
+                    self._flush_deferred()
+        finally:
+            self._shutdown()
+
+    def start_in_thread(self) -> threading.Thread:
+        """Run :meth:`serve_forever` in a daemon thread; returns once the loop runs."""
+        t = threading.Thread(target=self.serve_forever, name="vfio-user-loop", daemon=True)
+        self._thread = t
+        t.start()
+        self._running.wait(5)
+        return t
+
+    def stop(self) -> None:
+        """Stop the loop, close every socket and fd, remove socket files (thread-safe)."""
+        self._stopping = True
+        if not self._running.is_set():
+            self._shutdown()
+            return
+        self._wake()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=10)
+
+    def add_reader(self, fd: int, cb: Callable[[], None]) -> None:
+        """Watch ``fd``; ``cb()`` runs in the loop thread with MODEL_LOCK held."""
+        self._register(fd, cb, locked=True)
+
+    def remove_reader(self, fd: int) -> None:
+        self._unregister(fd)
+
+    def in_loop_thread(self) -> bool:
+        return threading.get_ident() == self._loop_ident
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _register(self, fd: int, cb: Callable[[], None], locked: bool) -> None:
+        if fd in self._handlers:
+            self._handlers[fd] = (cb, locked)
+            return
+        self._handlers[fd] = (cb, locked)
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def _unregister(self, fd: int) -> None:
+        if self._handlers.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def _wake(self) -> None:
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except OSError:
+            pass
+
+    def _on_wake(self) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except (BlockingIOError, OSError):
+            pass
+        while True:
+            try:
+                fn = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                fn()
+            except Exception:
+                log.exception("loop call failed")
+
+    def _call_in_loop(self, fn: Callable[[], None]) -> None:
+        if self.in_loop_thread():
+            fn()
+        else:
+            self._calls.put(fn)
+            self._wake()
+
+    def _schedule(self, worker: _Worker, fn: Callable[[], None]) -> None:
+        """call_soon: from the loop, wait until this iteration's replies are sent."""
+        if self.in_loop_thread():
+            self._deferred.append((worker, fn))
+        else:
+            worker.queue.put(fn)
+
+    def _flush_deferred(self) -> None:
+        items, self._deferred = self._deferred, []
+        for worker, fn in items:
+            worker.queue.put(fn)
+
+    def _accept(self, ep: _Endpoint) -> None:
+        try:
+            sock, _ = ep.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if ep.conn is not None:
+            log.warning("%s: a client is already attached; refusing another", ep.path)
+            sock.close()
+            return
+        sock.setblocking(True)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(SEND_TIMEOUT), 0))
+        conn = _Connection(self, ep, sock)
+        ep.conn = conn
+        self._register(conn.fd, conn.on_readable, locked=False)
+        log.info("%s: client connected", ep.path)
+
+    def _shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._flush_deferred()
+        for ep in self._endpoints.values():
+            if ep.conn is not None:
+                ep.conn.close()
+            self._unregister(ep.sock.fileno())
+            ep.sock.close()
+            try:
+                if stat.S_ISSOCK(os.lstat(ep.path).st_mode):
+                    os.unlink(ep.path)
+            except OSError:
+                pass
+            ep.worker.stop()
+        for fd in list(self._handlers):
+            self._unregister(fd)
+        self._epoll.close()
+        os.close(self._wake_fd)
+        self._running.clear()
+        log.info("server stopped")
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+
+
+def _fds_from_ancillary(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _send_all(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """Send a whole buffer; fds ride on the first sendmsg."""
+    if not fds:
+        sock.sendall(data)
+        return
+    anc: list[Any] = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    sent = sock.sendmsg([data], anc)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a leftover socket file; refuse to touch live sockets or other files."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, "not a socket, not removing", path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        log.info("removed stale socket %s", path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "a server is already listening", path)
