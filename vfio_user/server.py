@@ -540,7 +540,11 @@ class _Connection:
                                     info.mmap_offset) + caps
             fds = [info.mmap_fd]  # type: ignore[list-item]
         else:
-            body = REGION_INFO.pack(needed, flags, req.index, 0, info.size, info.mmap_offset)
+            # Too small for the capability chain: report the size needed and leave CAPS
+            # clear. QEMU (>= 11.1) rejects CAPS with cap_offset 0 as EINVAL; it asks again
+            # whenever the returned argsz exceeds what it sent.
+            body = REGION_INFO.pack(needed, flags & ~VFIO_REGION_INFO_FLAG_CAPS, req.index, 0,
+                                    info.size, info.mmap_offset)
             if info.mmap_fd is not None and not caps:
                 fds = [info.mmap_fd]
         return body, fds

@@ -21,11 +21,13 @@ def test_config_region(client, tdev) -> None:
 
 
 def test_sparse_region_asked_twice_like_qemu(client, tdev) -> None:
-    """First argsz 32: argsz says what is needed, no cap, no fd. Then the cap and the fd."""
+    """First argsz 32: argsz says what is needed, no cap, no CAPS flag, no fd. Then the cap and the fd."""
     short = client.region_info(0, argsz=32)
     needed = 32 + P.CAP_HEADER.size + P.SPARSE_MMAP.size + P.SPARSE_AREA.size
     assert short.argsz == needed and short.cap_offset == 0 and short.fds == []
-    assert short.flags & VFIO_REGION_INFO_FLAG_CAPS and short.flags & VFIO_REGION_INFO_FLAG_MMAP
+    # QEMU 11.1 rejects CAPS with cap_offset 0 (EINVAL: the device is not realized), so
+    # CAPS is announced only by the reply that carries the chain.
+    assert not short.flags & VFIO_REGION_INFO_FLAG_CAPS and short.flags & VFIO_REGION_INFO_FLAG_MMAP
     full = client.region_info(0, argsz=short.argsz)
     assert full.cap_offset == 32
     assert full.sparse == [(tdev.BAR0_MMAP_OFFSET, tdev.BAR0_MMAP_SIZE)]
