@@ -9,14 +9,17 @@ import pytest
 
 from guest.harness import Guest, GuestConfig
 
+_GUESTS = pytest.StashKey[list]()
+
 
 @pytest.fixture
 def boot_guest(request: pytest.FixtureRequest) -> Iterator[Callable[..., Guest]]:
     """Factory: ``boot_guest(**GuestConfig fields)`` starts a guest; all are closed at teardown.
 
-    On failure the console log of every guest is attached to the test report.
+    When the test fails, every guest's console tail is attached to the failure report.
     """
     guests: list[Guest] = []
+    request.node.stash[_GUESTS] = guests
 
     def factory(config: GuestConfig | None = None, **overrides: object) -> Guest:
         guest = Guest(config, **overrides)
@@ -24,18 +27,14 @@ def boot_guest(request: pytest.FixtureRequest) -> Iterator[Callable[..., Guest]]
         return guest.start()
 
     yield factory
-    for i, guest in enumerate(guests):
-        if request.node.stash.get(_FAILED, False):
-            request.node.add_report_section("call", f"guest {i} console", guest.console[-20000:])
+    for guest in guests:
         guest.close()
 
 
-_FAILED = pytest.StashKey[bool]()
-
-
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     if report.when == "call" and report.failed:
-        item.stash[_FAILED] = True
+        for i, guest in enumerate(item.stash.get(_GUESTS, [])):
+            report.sections.append((f"guest {i} console", guest.console[-6000:].replace("\r", "")))
     return report
