@@ -14,7 +14,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from images import cpio
+from images import cpio, guest_python, kmod
 from images.cache import cache_dir, digest, file_digest
 from images.debian import unpacked
 from images.kernel import Kernel
@@ -73,7 +73,14 @@ def rootfs_files() -> list[Path]:
     return sorted(p for p in ROOTFS.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
 
 
-def entries(busybox_bin: Path, kernel: Kernel, modules: list[str]) -> list[cpio.Entry]:
+# -- guest runtime pieces built elsewhere (images/guest_python.py, images/kmod.py) ----------
+def contributions(kernel: Kernel) -> list[kmod.Contribution]:
+    """Extra members: the guest's Python 3 and the devmodel_uirq module (loaded at boot)."""
+    return [guest_python.contribution(), kmod.contribution(kernel)]
+
+
+def entries(busybox_bin: Path, kernel: Kernel, modules: list[str],
+            extras: list[kmod.Contribution] = ()) -> list[cpio.Entry]:
     """All archive members, directories first."""
     out = [cpio.directory(d) for d in DIRS]
     out.append(cpio.regular("bin/busybox", busybox_bin.read_bytes(), executable=True))
@@ -88,13 +95,18 @@ def entries(busybox_bin: Path, kernel: Kernel, modules: list[str]) -> list[cpio.
                 out.append(cpio.directory(str(parent)))
                 seen.add(str(parent))
         out.append(cpio.regular(str(rel), path.read_bytes(), executable=os.access(path, os.X_OK)))
+    load: list[str] = []
     if modules and kernel.modules and kernel.release:
-        load = module_closure(kernel.modules, kernel.release, modules)
-        for path in load:
+        for path in module_closure(kernel.modules, kernel.release, modules):
             out.append(cpio.regular(f"lib/modules/{path.name}", path.read_bytes()))
-        out.append(cpio.regular("etc/modules", "".join(p.name + "\n" for p in load).encode()))
+            load.append(path.name)
     elif modules:
         log.warning("kernel has no modules tree; the guest boots without %s", ", ".join(modules))
+    for extra in extras:
+        out.extend(extra.entries)
+        load.extend(extra.load)
+    if load:
+        out.append(cpio.regular("etc/modules", "".join(name + "\n" for name in load).encode()))
     return out
 
 
@@ -102,13 +114,15 @@ def build(kernel: Kernel, modules: list[str] | None = None) -> Path:
     """Return the cached initramfs for ``kernel``, building it when an input changed."""
     mods = list(DEFAULT_MODULES if modules is None else modules)
     bb = busybox()
+    extras = contributions(kernel)
     key = digest(bb.stat().st_size, file_digest(bb), kernel.release, str(kernel.modules), mods,
+                 [x.key for x in extras],
                  file_digest(*rootfs_files(), Path(__file__), Path(cpio.__file__)))
     out = cache_dir("initramfs") / f"initrd-{key}.cpio.gz"
     if out.exists():
         return out
     log.info("building initramfs %s", out.name)
     tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(cpio.gzipped(entries(bb, kernel, mods)))
+    tmp.write_bytes(cpio.gzipped(entries(bb, kernel, mods, extras)))
     tmp.rename(out)
     return out

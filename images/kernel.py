@@ -86,9 +86,18 @@ def bootable(image: Path) -> Path:
 
 
 def debian_release() -> str:
-    """The ABI package the bookworm metapackage points at, e.g. ``linux-image-6.1.0-41-amd64``."""
-    for dep in AptState((SUITE,)).depends(METAPACKAGE):
+    """The ABI package the bookworm metapackage points at, e.g. ``linux-image-6.1.0-41-amd64``.
+
+    Resolved once and remembered next to the private apt lists it came from (asking
+    apt-cache costs about a second per boot); ``make clean`` forgets both.
+    """
+    apt = AptState((SUITE,))
+    remembered = apt.root / "kernel-package"
+    if remembered.exists():
+        return remembered.read_text().strip()
+    for dep in apt.depends(METAPACKAGE):
         if dep.startswith("linux-image-") and dep != METAPACKAGE:
+            remembered.write_text(dep + "\n")
             return dep
     raise KernelError(f"{METAPACKAGE} in {SUITE} depends on no linux-image package")
 
