@@ -14,14 +14,14 @@ import logging
 
 from devmodel.iommu import registers as R
 from devmodel.iommu.irq import Interrupts, IrqSource
-from devmodel.iommu.queue import QueueRegs
+from devmodel.iommu.queue import OutputQueue
 from devmodel.iommu.records import EVENT_SIZE, decode_event
 from devmodel.memory import BusError, Memory
 
 log = logging.getLogger(__name__)
 
 
-class EventQueue(QueueRegs):
+class EventQueue(OutputQueue):
     """EVENTQ_BASE / EVENTQ_PROD (Page 1) / EVENTQ_CONS (Page 1)."""
 
     def __init__(self, memory: Memory, irqs: Interrupts, max_log2: int) -> None:
@@ -29,38 +29,15 @@ class EventQueue(QueueRegs):
         self.memory = memory
         self.irqs = irqs
         self.enabled = False
-        self.ovflg = False
-        self.ovackflg = False
         self.written = 0
         self.dropped = 0
 
     def reset(self) -> None:
         super().reset()
         self.enabled = False
-        self.ovflg = self.ovackflg = False
 
-    @property
-    def overflow(self) -> bool:
-        return self.ovflg != self.ovackflg
-
-    def read_prod(self) -> int:
-        return self.prod | (R.Q_OVFLG if self.ovflg else 0)
-
-    def read_cons(self) -> int:
-        return self.cons | (R.Q_OVFLG if self.ovackflg else 0)
-
-    def write_prod(self, value: int) -> None:
-        """PROD is software-writable only while EVENTQEN=0 (initialisation)."""
-        if self.enabled:
-            log.info("EVENTQ_PROD write %#x ignored: EVENTQEN=1", value)
-            return
-        self.prod = value & R.Q_IDX_MASK
-        self.ovflg = bool(value & R.Q_OVFLG)
-
-    def write_cons(self, value: int) -> None:
-        """CONS is always writable: RD advances, OVACKFLG acknowledges an overflow."""
-        self.cons = value & R.Q_IDX_MASK
-        self.ovackflg = bool(value & R.Q_OVFLG)
+    def prod_locked(self) -> bool:
+        return self.enabled
 
     def record(self, data: bytes, trace_id: int = 0) -> bool:
         """Try to write one event record; return True when it reached the queue."""

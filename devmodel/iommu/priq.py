@@ -23,7 +23,7 @@ from typing import Callable
 
 from devmodel.iommu import registers as R
 from devmodel.iommu.irq import Interrupts, IrqSource
-from devmodel.iommu.queue import QueueRegs
+from devmodel.iommu.queue import OutputQueue
 from devmodel.iommu.records import PRI, PRI_SIZE, PrgResponseCode
 from devmodel.memory import BusError, Memory
 
@@ -63,7 +63,7 @@ Responder = Callable[[int, "int | None", int, PrgResponseCode], None]
 SteChecker = Callable[[int], "bool | None"]
 
 
-class PriQueue(QueueRegs):
+class PriQueue(OutputQueue):
     """PRIQ_BASE / PRIQ_PROD (Page 1) / PRIQ_CONS (Page 1)."""
 
     def __init__(self, memory: Memory, irqs: Interrupts, max_log2: int, pps: bool,
@@ -76,8 +76,6 @@ class PriQueue(QueueRegs):
         self.ste_ppar = ste_ppar
         self.enabled = False  # effective PRIQEN (PRIQEN && SMMUEN)
         self.guard = False  # the real PRIQEN ACK, which guards PROD/BASE writes
-        self.ovflg = False
-        self.ovackflg = False
         self.irq_lo = False
         self.written = 0
         self.dropped = 0
@@ -86,28 +84,9 @@ class PriQueue(QueueRegs):
     def reset(self) -> None:
         super().reset()
         self.enabled = self.guard = False
-        self.ovflg = self.ovackflg = False
 
-    @property
-    def overflow(self) -> bool:
-        return self.ovflg != self.ovackflg
-
-    def read_prod(self) -> int:
-        return self.prod | (R.Q_OVFLG if self.ovflg else 0)
-
-    def read_cons(self) -> int:
-        return self.cons | (R.Q_OVFLG if self.ovackflg else 0)
-
-    def write_prod(self, value: int) -> None:
-        if self.guard:
-            log.info("PRIQ_PROD write %#x ignored: PRIQEN=1", value)
-            return
-        self.prod = value & R.Q_IDX_MASK
-        self.ovflg = bool(value & R.Q_OVFLG)
-
-    def write_cons(self, value: int) -> None:
-        self.cons = value & R.Q_IDX_MASK
-        self.ovackflg = bool(value & R.Q_OVFLG)
+    def prod_locked(self) -> bool:
+        return self.guard
 
     def _auto(self, req: PageRequest, code: PrgResponseCode, pasid: bool, why: str) -> None:
         self.auto_responses += 1

@@ -6,7 +6,11 @@ equal, wrap different. Every slot is usable.
 
 from __future__ import annotations
 
+import logging
+
 from devmodel.iommu import registers as R
+
+log = logging.getLogger(__name__)
 
 
 class QueueRegs:
@@ -66,3 +70,47 @@ class QueueRegs:
     def count(self) -> int:
         """Entries between CONS and PROD: (prod - cons) mod 2^(QS+1)."""
         return (self.wrapped(self.prod) - self.wrapped(self.cons)) & self._ptr_mask()
+
+
+class OutputQueue(QueueRegs):
+    """A queue the SMMU produces into (EVENTQ, PRIQ): PROD carries OVFLG, CONS OVACKFLG.
+
+    The SMMU toggles OVFLG once when it drops a record on a full queue; software
+    acknowledges by writing CONS with OVACKFLG equal to it (§2 of the reference). PROD is
+    software-writable only while the queue's enable is not acknowledged.
+    """
+
+    def __init__(self, name: str, entry_size: int, max_log2: int) -> None:
+        super().__init__(name, entry_size, max_log2)
+        self.ovflg = self.ovackflg = False
+
+    def reset(self) -> None:
+        super().reset()
+        self.ovflg = self.ovackflg = False
+
+    def prod_locked(self) -> bool:
+        """True while the queue enable is acknowledged and PROD writes are ignored."""
+        raise NotImplementedError
+
+    @property
+    def overflow(self) -> bool:
+        return self.ovflg != self.ovackflg
+
+    def read_prod(self) -> int:
+        return self.prod | (R.Q_OVFLG if self.ovflg else 0)
+
+    def read_cons(self) -> int:
+        return self.cons | (R.Q_OVFLG if self.ovackflg else 0)
+
+    def write_prod(self, value: int) -> None:
+        if self.prod_locked():
+            log.info("%s_PROD write %#x ignored: queue enabled", self.name, value)
+            return
+        self.prod = value & R.Q_IDX_MASK
+        self.ovflg = bool(value & R.Q_OVFLG)
+
+    def write_cons(self, value: int) -> None:
+        """CONS is always writable: RD advances, OVACKFLG acknowledges an overflow."""
+        self.cons = value & R.Q_IDX_MASK
+        self.ovackflg = bool(value & R.Q_OVFLG)
+
