@@ -10,9 +10,19 @@ from __future__ import annotations
 
 import errno
 import logging
-import struct
 from typing import TYPE_CHECKING, Callable
 
+from devmodel.iommu.bitfield import BitField
+from devmodel.iommu.records import (
+    COMMANDS,
+    EATS_FULL,
+    EATS_OFF,
+    EVENT,
+    STE,
+    EventId,
+    Opcode,
+    SteConfig,
+)
 from devmodel.iommufd.driver import IommuDriver, UserArray, UserData
 from devmodel.iommufd.eventq import viommu_report_event
 from devmodel.iommufd.objects import fail
@@ -34,39 +44,33 @@ log = logging.getLogger(__name__)
 
 IOMMU_HW_INFO_TYPE_ARM_SMMUV3 = 2
 
-# CMDQ opcodes (cmd[0] bits [7:0]) a guest may pass through.
-CMDQ_OP_CFGI_CD = 0x05
-CMDQ_OP_CFGI_CD_ALL = 0x06
-CMDQ_OP_TLBI_NH_ALL = 0x10
-CMDQ_OP_TLBI_NH_ASID = 0x11
-CMDQ_OP_TLBI_NH_VA = 0x12
-CMDQ_OP_TLBI_NH_VAA = 0x13
-CMDQ_OP_TLBI_NSNH_ALL = 0x30
-CMDQ_OP_ATC_INV = 0x40
-CMD0_OPCODE_MASK = 0xFF
-CMD0_VMID_SHIFT, CMD0_VMID_MASK = 32, 0xFFFF  # TLBI_NH_*: VMID at [47:32]
-CMD0_SID_SHIFT, CMD0_SID_MASK = 32, 0xFFFFFFFF  # CFGI_CD*, ATC_INV: StreamID at [63:32]
-VMID_OPS = {CMDQ_OP_TLBI_NH_ALL, CMDQ_OP_TLBI_NH_ASID, CMDQ_OP_TLBI_NH_VA, CMDQ_OP_TLBI_NH_VAA}
-SID_OPS = {CMDQ_OP_CFGI_CD, CMDQ_OP_CFGI_CD_ALL, CMDQ_OP_ATC_INV}
+# Command, STE and event formats come from the one declaration every layer shares (as the
+# kernel's iommufd code uses arm-smmu-v3.h); only the nesting policy is declared here.
+_CMD_OPCODE = COMMANDS[Opcode.CMD_SYNC].fields["Opcode"]
+_CMD_VMID = COMMANDS[Opcode.CMD_TLBI_NH_ALL].fields["VMID"]  # [47:32] of cmd[0]
+_CMD_SID = COMMANDS[Opcode.CMD_CFGI_CD].fields["StreamID"]  # [63:32] of cmd[0]
+#: Guest commands whose VMID the host forces, and those whose vSID it translates.
+VMID_OPS = frozenset({Opcode.CMD_TLBI_NH_ALL, Opcode.CMD_TLBI_NH_ASID, Opcode.CMD_TLBI_NH_VA,
+                      Opcode.CMD_TLBI_NH_VAA})
+SID_OPS = frozenset({Opcode.CMD_CFGI_CD, Opcode.CMD_CFGI_CD_ALL, Opcode.CMD_ATC_INV})
 
-# STE fields a nested (guest) STE may set.
-STE0_V = 1 << 0
-STE0_CFG_SHIFT, STE0_CFG_MASK = 1, 0x7
-STE0_CFG_ABORT, STE0_CFG_BYPASS, STE0_CFG_S1_TRANS = 0b000, 0b100, 0b101
-STE0_NESTING_ALLOWED = (STE0_V | (0x7 << 1) | (0x3 << 4) | (((1 << 46) - 1) << 6)
-                        | (0x1F << 59))  # V, Config, S1Fmt, S1ContextPtr, S1CDMax
-STE1_EATS_SHIFT, STE1_EATS_MASK = 28, 0x3
-STE1_EATS_ABT, STE1_EATS_TRANS = 0, 1
-STE1_NESTING_ALLOWED = (0x3 | (0x3 << 2) | (0x3 << 4) | (0x3 << 6) | (1 << 27)
-                        | (STE1_EATS_MASK << STE1_EATS_SHIFT))  # S1DSS,CIR,COR,CSH,S1STALLD,EATS
+#: STE fields a nested (guest) STE may set (arm_smmu_validate_vste).
+_NESTING_FIELDS = ("V", "Config", "S1Fmt", "S1ContextPtr", "S1CDMax",
+                   "S1DSS", "S1CIR", "S1COR", "S1CSH", "S1STALLD", "EATS")
+_NESTING_ALLOWED = sum(STE.fields[n].mask << STE.fields[n].lsb for n in _NESTING_FIELDS)
+_STE_EATS = STE.fields["EATS"]
+_EATS_IN_STE1 = _STE_EATS.mask << (_STE_EATS.lsb - 64)
 
-# Event IDs forwarded to a vEVENTQ (section 3.7).
-FORWARDED_EVENTS = {0x04: "C_BAD_STE", 0x06: "F_STREAM_DISABLED", 0x08: "C_BAD_SUBSTREAMID",
-                    0x0A: "C_BAD_CD", 0x10: "F_TRANSLATION", 0x11: "F_ADDR_SIZE",
-                    0x12: "F_ACCESS", 0x13: "F_PERMISSION"}
-EVT0_ID_MASK = 0xFF
-EVT0_SID_SHIFT = 32
-EVT1_S2 = 1 << 39  # record bit 103: the fault was in stage 2 (the host's, not forwarded)
+#: Event IDs forwarded to a vEVENTQ (section 3.7), by name for the logs.
+FORWARDED_EVENTS = {e.value: e.name for e in (
+    EventId.C_BAD_STE, EventId.F_STREAM_DISABLED, EventId.C_BAD_SUBSTREAMID, EventId.C_BAD_CD,
+    EventId.F_TRANSLATION, EventId.F_ADDR_SIZE, EventId.F_ACCESS, EventId.F_PERMISSION)}
+
+
+def _with_field(raw: int, field: BitField, value: int) -> int:
+    """``raw`` with ``field`` replaced by ``value``."""
+    return (raw & ~(field.mask << field.lsb)) | field.put(value)
+
 
 CommandSink = Callable[["Viommu", list[tuple[int, int]]], None]
 AttachHook = Callable[["Device", int, object], None]
@@ -75,17 +79,17 @@ AttachHook = Callable[["Device", int, object], None]
 def validate_vste(ste0: int, ste1: int) -> tuple[int, int]:
     """``arm_smmu_validate_vste``: a non-valid STE becomes abort; disallowed bits, configs
     other than abort/bypass/S1, or EATS other than ABT/TRANS -> EIO. EATS is cleared."""
-    if not ste0 & STE0_V:
+    raw = ste0 | ste1 << 64
+    ste = STE.unpack(raw)
+    if not ste.V:
         return 0, 0
-    if ste0 & ~STE0_NESTING_ALLOWED or ste1 & ~STE1_NESTING_ALLOWED:
+    if raw & ~_NESTING_ALLOWED:
         raise fail(errno.EIO, "STE sets fields a guest may not")
-    cfg = (ste0 >> STE0_CFG_SHIFT) & STE0_CFG_MASK
-    if cfg not in (STE0_CFG_ABORT, STE0_CFG_BYPASS, STE0_CFG_S1_TRANS):
-        raise fail(errno.EIO, f"STE config {cfg:#b}")
-    eats = (ste1 >> STE1_EATS_SHIFT) & STE1_EATS_MASK
-    if eats not in (STE1_EATS_ABT, STE1_EATS_TRANS):
-        raise fail(errno.EIO, f"STE EATS {eats}")
-    return ste0, ste1 & ~(STE1_EATS_MASK << STE1_EATS_SHIFT)
+    if ste.Config not in (SteConfig.ABORT, SteConfig.BYPASS, SteConfig.S1_TRANS):
+        raise fail(errno.EIO, f"STE config {ste.Config:#b}")
+    if ste.EATS not in (EATS_OFF, EATS_FULL):
+        raise fail(errno.EIO, f"STE EATS {ste.EATS}")
+    return ste0, ste1 & ~_EATS_IN_STE1
 
 
 class Smmuv3Driver(IommuDriver):
@@ -118,17 +122,18 @@ class Smmuv3Driver(IommuDriver):
 
     def convert(self, viommu: "Viommu", cmd0: int, cmd1: int) -> tuple[int, int]:
         """One guest command in host terms (VMID forced, vSID -> SID), or EIO."""
-        op = cmd0 & CMD0_OPCODE_MASK
+        op = _CMD_OPCODE.get(cmd0)
+        vmid = viommu.priv["vmid"]
         if op in VMID_OPS:
-            cmd0 &= ~(CMD0_VMID_MASK << CMD0_VMID_SHIFT)
-            return cmd0 | viommu.priv["vmid"] << CMD0_VMID_SHIFT, cmd1
-        if op == CMDQ_OP_TLBI_NSNH_ALL:
-            return CMDQ_OP_TLBI_NH_ALL | viommu.priv["vmid"] << CMD0_VMID_SHIFT, 0
+            return _with_field(cmd0, _CMD_VMID, vmid), cmd1
+        if op == Opcode.CMD_TLBI_NSNH_ALL:
+            return _with_field(Opcode.CMD_TLBI_NH_ALL, _CMD_VMID, vmid), 0
         if op in SID_OPS:
-            vdev = viommu.vdevs.get(cmd0 >> CMD0_SID_SHIFT)
+            vsid = _CMD_SID.get(cmd0)
+            vdev = viommu.vdevs.get(vsid)
             if vdev is None:
-                raise fail(errno.EIO, f"vSID {cmd0 >> CMD0_SID_SHIFT:#x} has no vDEVICE")
-            return (cmd0 & CMD0_SID_MASK) | vdev.device.sid << CMD0_SID_SHIFT, cmd1
+                raise fail(errno.EIO, f"vSID {vsid:#x} has no vDEVICE")
+            return _with_field(cmd0, _CMD_SID, vdev.device.sid), cmd1
         raise fail(errno.EIO, f"opcode {op:#x} not allowed")
 
     def viommu_invalidate(self, viommu: "Viommu", array: UserArray) -> None:
@@ -166,15 +171,15 @@ def report_event(device: "Device", evt: bytes) -> int:
     """Forward one 32-byte physical event of ``device`` to its vSMMU's vEVENTQ with the
     virtual SID swapped in (section 3.7). 0 / negative errno like the kernel: -EOPNOTSUPP
     when the event ID is not forwarded or the device is not a nested master."""
-    dw = list(struct.unpack("<4Q", evt))
-    event_id = dw[0] & EVT0_ID_MASK
-    if event_id not in FORWARDED_EVENTS or dw[1] & EVT1_S2:
+    raw = int.from_bytes(evt, "little")
+    event_id = EVENT.get(raw, "EventID")
+    if event_id not in FORWARDED_EVENTS or EVENT.get(raw, "S2"):
         return -errno.EOPNOTSUPP
     vm = device.nested_viommu()
     if vm is None:
         return -errno.EOPNOTSUPP
     viommu, virt_id = vm
-    dw[0] = (dw[0] & ((1 << EVT0_SID_SHIFT) - 1)) | (virt_id & 0xFFFFFFFF) << EVT0_SID_SHIFT
+    raw = _with_field(raw, EVENT.fields["StreamID"], virt_id & 0xFFFFFFFF)
     log.info("event %s of sid %#x forwarded as vsid %#x", FORWARDED_EVENTS[event_id],
              device.sid, virt_id)
-    return viommu_report_event(viommu, IOMMU_VEVENTQ_TYPE_ARM_SMMUV3, struct.pack("<4Q", *dw))
+    return viommu_report_event(viommu, IOMMU_VEVENTQ_TYPE_ARM_SMMUV3, raw.to_bytes(len(evt), "little"))

@@ -9,14 +9,13 @@ import struct
 import pytest
 
 from devmodel.iommufd import uapi
-from devmodel.iommufd.arm_smmuv3 import (
-    CMDQ_OP_ATC_INV,
-    CMDQ_OP_CFGI_CD,
-    CMDQ_OP_TLBI_NH_ASID,
-    CMDQ_OP_TLBI_NSNH_ALL,
-    Smmuv3Driver,
-    report_event,
-)
+from devmodel.iommu.records import Opcode
+from devmodel.iommufd.arm_smmuv3 import Smmuv3Driver, report_event
+
+CMDQ_OP_ATC_INV = Opcode.CMD_ATC_INV
+CMDQ_OP_CFGI_CD = Opcode.CMD_CFGI_CD
+CMDQ_OP_TLBI_NH_ASID = Opcode.CMD_TLBI_NH_ASID
+CMDQ_OP_TLBI_NSNH_ALL = Opcode.CMD_TLBI_NSNH_ALL
 
 S1_STE0 = 1 | (0b101 << 1) | (0x4000 & ~0x3F)  # V, Config = S1 translate, S1ContextPtr
 INV_T = uapi.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3
