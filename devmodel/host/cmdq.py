@@ -53,7 +53,8 @@ class HostCommandQueue:
     def _mask(self) -> int:
         return (1 << (self.log2 + 1)) - 1
 
-    def _slot(self, ptr: int) -> int:
+    def slot_addr(self, ptr: int) -> int:
+        """Host-memory address of the command slot that queue pointer ``ptr`` names."""
         return self.base + (ptr & (self.entries - 1)) * CMD_SIZE
 
     def reset(self) -> None:
@@ -95,7 +96,7 @@ class HostCommandQueue:
         self.counters.commands += len(batch)
         sync_slot = None
         if sync:
-            sync_slot = self._slot(self.prod)
+            sync_slot = self.slot_addr(self.prod)
             if self.msi_poll:
                 self._put(encode_command(Opcode.CMD_SYNC, CS=SyncCS.SIG_IRQ, MSIAddress=sync_slot,
                                          MSIData=0, MSIAttr=MSI_ATTR_OIWB, MSH=MSH_ISH))
@@ -106,7 +107,7 @@ class HostCommandQueue:
         self._wait(sync_slot)
 
     def _put(self, cmd: bytes) -> None:
-        self.memory.write(self._slot(self.prod), cmd)
+        self.memory.write(self.slot_addr(self.prod), cmd)
         self.prod = (self.prod + 1) & self._mask()
 
     def _wait(self, sync_slot: int | None) -> None:
@@ -136,7 +137,7 @@ class HostCommandQueue:
             name = R.CmdqError(err).name
         except ValueError:
             name = f"CERROR_{err:#x}"
-        slot = self._slot(cons & self._mask())
+        slot = self.slot_addr(cons & self._mask())
         op, _ = decode_command(self.memory.read(slot, CMD_SIZE))
         log.warning("cmdq: %s at CONS=%#x (opcode %#04x)", name, cons & R.Q_IDX_MASK, op)
         self.counters.cmdq_errors[name] += 1

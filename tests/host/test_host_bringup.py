@@ -167,7 +167,7 @@ def test_cmd_sync_uses_msipoll_word(world):
     MSIData = 0 (Linux MSIPOLL, section 5.3): after completion the slot's first word is 0."""
     host, _ = world
     cmdq = host.hw.cmdq
-    slot = cmdq._slot(cmdq.prod + 1)  # the sync that follows the next command
+    slot = cmdq.slot_addr(cmdq.prod + 1)  # the sync that follows the next command
     host.hw.cmdq.command(Opcode.CMD_TLBI_NSNH_ALL)
     assert host.memory.read(slot, 4) == bytes(4)
     assert host.memory.read(slot + 4, 4) == bytes(4)  # MSIData field was 0 as well
