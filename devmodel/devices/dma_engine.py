@@ -16,7 +16,18 @@ SubstreamID:
 
 The PRI and ATS capability state is reached through the tiny :class:`PriPort` /
 :class:`AtsPort` interfaces so the real PCI capabilities or :class:`SimplePri` /
-:class:`SimpleAts` (plain state, for unit use) can supply it.
+:class:`SimpleAts` (plain state, for unit use) can supply it. A PriPort that also has
+``note_outstanding(n)`` is told the number of page requests in flight after each change
+(the PCI capability derives PRI Status.Stopped from it).
+
+Fault traces (:data:`devmodel.trace.TRACER`): every DMA access (one page of a transfer,
+a descriptor fetch, a completion write) runs inside ``TRACER.origin("endpoint.dma")``,
+so a fault the SMMU detects is born with the access as its first hop. Every Page
+Request Group runs inside ``TRACER.origin("endpoint.page_request")``; its fault id is
+kept with the PRG, so the response gets ``endpoint.prg_response`` (code). When a
+descriptor completes, each fault id it collected gets ``endpoint.complete`` (status and
+fault address). A fault nobody below reported (bus error, ATS no-access without PRI) is
+born by the engine itself.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from devmodel.devices.dma_engine_records import (COMPLETION, DESC_SIZE, DESCRIPT
 from devmodel.iommu.faults import Access, AtsStatus
 from devmodel.iommu.records import PrgResponseCode
 from devmodel.memory import BusError, Memory
+from devmodel.trace import TRACER
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +51,9 @@ PRG_INDEX_COUNT = 512  # 9-bit PRG Index
 MAX_PAGES_PER_PRG = 16
 MAX_PRG_ROUNDS = 16  # per descriptor: a simulation must not livelock on repeated Success
 PAGE = 4096
+DMA_HOP = "endpoint.dma"
+PAGE_REQUEST_HOP = "endpoint.page_request"
+_ACCESS_NAME = {Access.READ: "read", Access.WRITE: "write", Access.EXEC: "exec"}
 
 
 class PriPort(Protocol):
@@ -109,6 +124,8 @@ class _Fault(Exception):
         self.reason = reason
         self.recoverable = recoverable
         self.event = event
+        self.fault_id = 0  # trace fault id of the access (0: nobody reported it)
+        self.origin: tuple[str, int, dict] | None = None  # (hop, t_ns, detail) of the access
 
 
 @dataclass
@@ -126,6 +143,8 @@ class _Op:
     done: int = 0
     prg_rounds: int = 0
     first_fault: _Fault | None = None
+    faults: list[int] = field(default_factory=list)  # trace fault ids met while running
+    epoch: int = 0
 
 
 @dataclass
@@ -133,6 +152,7 @@ class _Prg:
     index: int
     count: int
     pages: list[tuple[int, bool, bool]] = field(default_factory=list)
+    fault: int = 0  # trace fault id of the group
 
 
 class DmaEngine:
@@ -140,7 +160,11 @@ class DmaEngine:
 
     def __init__(self, smmu, sid: int, dma: Memory, *, pri: PriPort | None = None, ats: AtsPort | None = None,
                  interrupt: Callable[[int], None] | None = None,
-                 schedule: Callable[[Callable[[], None]], None] | None = None) -> None:
+                 schedule: Callable[[Callable[[], None]], None] | None = None,
+                 may_master: Callable[[], bool] | None = None) -> None:
+        """``may_master`` gates every memory request (ATS Translation Requests too): the
+        PCI function passes its Bus Master Enable; False makes each access fail with
+        DMA_ABORT before it reaches the SMMU."""
         self.smmu = smmu
         self.sid = sid
         self.dma = dma
@@ -148,6 +172,21 @@ class DmaEngine:
         self.ats = ats
         self.interrupt = interrupt or (lambda vector: None)
         self.schedule = schedule or (lambda fn: fn())
+        self.may_master = may_master
+        self.epoch = 0
+        self._running = False
+        self._rerun = False
+        self.reset()
+        smmu.register_endpoint(sid, prg_response=self.on_prg_response, atc_invalidate=self.on_atc_invalidate)
+
+    # ------------------------------------------------------------ software interface
+    def reset(self) -> None:
+        """Power-on state: disabled, ring unprogrammed, counters zero, no PRG, empty ATC.
+
+        Work already scheduled or in flight belongs to the previous epoch and is dropped
+        (a function reset must not let an old descriptor complete into the new state).
+        """
+        self.epoch += 1
         self.counters = [0] * len(FaultCounter)
         self.enabled = False
         self.halted = False
@@ -159,14 +198,12 @@ class DmaEngine:
         self._op: _Op | None = None
         self._prgs: dict[int, _Prg] = {}
         self._next_prg = 0
-        self._outstanding = 0
+        self._set_outstanding(0)
         self._atc: dict[tuple[int | None, int], tuple[int, int, bool, bool]] = {}
         self._inbox: collections.deque = collections.deque()
-        self._running = False
-        self._rerun = False
-        smmu.register_endpoint(sid, prg_response=self.on_prg_response, atc_invalidate=self.on_atc_invalidate)
+        self._sink: list[int] | None = None
+        self._origin = None
 
-    # ------------------------------------------------------------ software interface
     def configure(self, base: int, log2size: int, pasid: int | None = None) -> None:
         """Program the descriptor ring (only while disabled)."""
         if self.enabled:
@@ -182,6 +219,8 @@ class DmaEngine:
         if on and not self.enabled:
             self.halted = False
         if not on:
+            if self._op is not None:
+                self.epoch += 1  # an op running on another thread must not complete
             self._op = None
             self._atc.clear()
         self.enabled = on
@@ -202,9 +241,28 @@ class DmaEngine:
         return self._outstanding
 
     def pri_reset(self) -> None:
-        """PRI Control.Reset: discard outstanding page-request state and credits."""
+        """PRI Control.Reset: discard outstanding page-request state and credits.
+
+        A descriptor waiting for a discarded PRG is retried (and, with PRI now
+        disabled, completes with PAGE_FAULT).
+        """
+        for prg in self._prgs.values():
+            TRACER.hop(prg.fault, "endpoint.prg_response", code=None, prg=prg.index, discarded=True)
         self._prgs.clear()
-        self._outstanding = 0
+        self._set_outstanding(0)
+        self.kick()
+
+    def flush_atc(self) -> None:
+        """Drop every cached translation (ATS disabled: the ATC contents become stale)."""
+        if self._atc:
+            log.info("dmaeng sid=%#x: ATC flushed (%d entries)", self.sid, len(self._atc))
+        self._atc.clear()
+
+    def _set_outstanding(self, n: int) -> None:
+        self._outstanding = n
+        note = getattr(self.pri, "note_outstanding", None)
+        if note is not None:
+            note(n)
 
     def count(self, which: FaultCounter) -> int:
         return self.counters[which]
@@ -237,14 +295,16 @@ class DmaEngine:
             return
         self._running = True
         try:
-            while True:
-                self._rerun = False
-                while self._inbox:
-                    self._handle_response(*self._inbox.popleft())
-                progressed = self._advance()
-                if not progressed and not self._rerun and not self._inbox:
-                    break
+            with TRACER.origin(DMA_HOP, sid=self.sid) as self._origin:  # re-armed by each access, see _access
+                while True:
+                    self._rerun = False
+                    while self._inbox:
+                        self._handle_response(*self._inbox.popleft())
+                    progressed = self._advance()
+                    if not progressed and not self._rerun and not self._inbox:
+                        break
         finally:
+            self._origin = None
             self._running = False
 
     def _advance(self) -> bool:
@@ -261,16 +321,24 @@ class DmaEngine:
 
     def _fetch(self) -> _Op | None:
         addr = self.queue_base + self.head * DESC_SIZE
+        self._sink = faults = []
         try:
             raw = self._read(self.queue_pasid, addr, DESC_SIZE, False)
         except _Fault as f:
-            log.warning("dmaeng sid=%#x: descriptor fetch at %#x failed: %s -> halt", self.sid, addr, f.reason)
+            log.warning("dmaeng sid=%#x: descriptor fetch at %#x failed: %s -> halt [f%d]", self.sid, addr,
+                        f.reason, f.fault_id)
             self.counters[f.counter] += 1
+            for fid in dict.fromkeys(faults):
+                TRACER.hop(fid, "endpoint.complete", status="FETCH_FAULT", fault_addr=f.addr, descriptor=self.head,
+                           halted=True)
             self._halt()
             return None
+        finally:
+            self._sink = None
         d = DESCRIPTOR.decode(raw)
         op = _Op(index=self.head, opcode=d.Opcode, flags=d.Flags, pasid=d.PASID if d.PASID_EN else None,
-                 src=d.Src, dst=d.Dst, length=d.Length, completion=d.CompletionAddr)
+                 src=d.Src, dst=d.Dst, length=d.Length, completion=d.CompletionAddr, faults=faults,
+                 epoch=self.epoch)
         log.debug("dmaeng sid=%#x: descriptor %d op=%d pasid=%s len=%#x", self.sid, op.index, op.opcode,
                   op.pasid, op.length)
         return op
@@ -284,17 +352,31 @@ class DmaEngine:
             self._complete(op, CompletionStatus.BAD_DESCRIPTOR)
             return
         priv = bool(op.flags & DescFlags.PRIV)
+        self._sink = op.faults
         try:
             while op.done < op.length:
-                op.done += self._chunk(op, priv)
+                n = self._chunk(op, priv)
+                if op.epoch != self.epoch:
+                    log.info("dmaeng sid=%#x: descriptor %d abandoned by a reset/disable", self.sid, op.index)
+                    return
+                op.done += n
         except _Fault as f:
+            if op.epoch != self.epoch:
+                return
             self.counters[f.counter] += 1
-            log.info("dmaeng sid=%#x: descriptor %d fault at %#x (%s): %s", self.sid, op.index, f.addr,
-                     f.access.name, f.reason)
+            log.info("dmaeng sid=%#x: descriptor %d fault at %#x (%s): %s [f%d]", self.sid, op.index, f.addr,
+                     f.access.name, f.reason, f.fault_id)
             if f.recoverable and self._try_pri(op, f, priv):
                 return
+            if not f.fault_id and f.origin is not None:
+                # Nobody below saw it (ATS no-access without PRI): the engine is the detecting layer.
+                hop, t_ns, detail = f.origin
+                f.fault_id = TRACER.begin(hop, _t_ns=t_ns, **detail)
+                op.faults.append(f.fault_id)
             self._complete(op, f.status, f)
             return
+        finally:
+            self._sink = None
         self._complete(op, CompletionStatus.SUCCESS)
 
     def _chunk(self, op: _Op, priv: bool) -> int:
@@ -326,7 +408,7 @@ class DmaEngine:
             return None, PAGE - (iova & (PAGE - 1))
         ev = int(r.fault.event) if r.fault.event is not None else 0
         raise _Fault(CompletionStatus.PAGE_FAULT, iova, access, FaultCounter.TRANSLATION,
-                     f"SMMU {r.fault.name}: {r.fault.reason} [t{r.fault.trace_id}]", event=ev)
+                     f"SMMU {r.fault.name}: {r.fault.reason}", event=ev)
 
     def _ats(self, pasid: int | None, iova: int, access: Access, priv: bool) -> tuple[int, int]:
         page = iova & ~(PAGE - 1)
@@ -358,30 +440,64 @@ class DmaEngine:
         out = bytearray()
         while len(out) < n:
             cur = iova + len(out)
-            pa, valid = self._translate(pasid, cur, Access.READ, priv)
-            k = min(valid, n - len(out))
-            if pa is None:
-                out += bytes(k)
-                continue
-            try:
-                out += self.dma.read(pa, k)
-            except BusError as e:
-                raise _Fault(CompletionStatus.DMA_ABORT, cur, Access.READ, FaultCounter.BUS_ERROR, str(e)) from None
+            out += self._access(pasid, cur, Access.READ, priv, n - len(out), None)
         return bytes(out)
 
     def _write(self, pasid: int | None, iova: int, data: bytes, priv: bool) -> None:
         done = 0
         while done < len(data):
-            cur = iova + done
-            pa, valid = self._translate(pasid, cur, Access.WRITE, priv)
-            k = min(valid, len(data) - done)
-            if pa is not None:
+            done += self._access(pasid, iova + done, Access.WRITE, priv, len(data) - done, data[done:])
+
+    def _access(self, pasid: int | None, iova: int, access: Access, priv: bool, n: int, data: bytes | None):
+        """One memory request (up to the end of its page): bytes read, or bytes written.
+
+        Each access is a trace origin (``endpoint.dma``): a fault reported below is born
+        with it. The run loop holds one ``TRACER.origin`` scope and each access re-arms
+        it (own timestamp, detail, no fault yet), which costs a fraction of opening a
+        scope per page and is otherwise the same thing.
+        """
+        origin = self._origin
+        if origin is None:  # called outside the run loop
+            with TRACER.origin(DMA_HOP, sid=self.sid) as self._origin:
                 try:
-                    self.dma.write(pa, data[done:done + k])
-                except BusError as e:
-                    raise _Fault(CompletionStatus.DMA_ABORT, cur, Access.WRITE, FaultCounter.BUS_ERROR,
-                                 str(e)) from None
-            done += k
+                    return self._access(pasid, iova, access, priv, n, data)
+                finally:
+                    self._origin = None
+        origin.t_ns = TRACER.clock()
+        detail = origin.detail  # copied by the tracer at birth, so it may be reused
+        detail["ssid"] = pasid
+        detail["addr"] = iova
+        detail["access"] = _ACCESS_NAME[access]
+        origin.fault = 0
+        try:
+            if self.may_master is not None and not self.may_master():
+                raise _Fault(CompletionStatus.DMA_ABORT, iova, access, FaultCounter.BUS_ERROR,
+                             "bus master disabled")
+            pa, valid = self._translate(pasid, iova, access, priv)
+            k = min(valid, n)
+            if data is None:
+                return bytes(k) if pa is None else self.dma.read(pa, k)
+            if pa is not None:
+                self.dma.write(pa, data[:k])
+            return k
+        except BusError as e:
+            f = _Fault(CompletionStatus.DMA_ABORT, iova, access, FaultCounter.BUS_ERROR, str(e))
+            self._traced_fault(f, origin)
+            raise f from None
+        except _Fault as f:
+            self._traced_fault(f, origin)
+            raise
+        finally:
+            if origin.fault and self._sink is not None:
+                self._sink.append(origin.fault)
+
+    @staticmethod
+    def _traced_fault(f: _Fault, origin) -> None:
+        """Snapshot the access's trace origin; a non-recoverable fault nobody reported is born here."""
+        if not origin.fault and not f.recoverable:
+            TRACER.current()
+        f.fault_id = origin.fault
+        f.origin = (origin.hop, origin.t_ns, dict(origin.detail))
 
     # ------------------------------------------------------------ PRI
     def _try_pri(self, op: _Op, f: _Fault, priv: bool) -> bool:
@@ -408,14 +524,19 @@ class DmaEngine:
         op.first_fault = op.first_fault or f
         prg = _Prg(index, len(pages), pages)
         self._prgs[index] = prg
-        self._outstanding += len(pages)
-        for i, (page, r, w) in enumerate(pages):
-            last = i == len(pages) - 1
-            self.counters[FaultCounter.PAGE_REQUEST] += 1
-            log.info("dmaeng sid=%#x: page request pasid=%s page=%#x R=%d W=%d prg=%d L=%d (%d/%d credits)",
-                     self.sid, op.pasid, page, r, w, index, last, self._outstanding, pri.allocation)
-            self.smmu.page_request(self.sid, op.pasid, page, index, last, read=r, write=w,
-                                   priv=priv and op.pasid is not None)
+        self._set_outstanding(self._outstanding + len(pages))
+        with TRACER.origin(PAGE_REQUEST_HOP, sid=self.sid, ssid=op.pasid, addr=pages[0][0], prg=index,
+                           pages=len(pages), descriptor=op.index):
+            prg.fault = TRACER.current()
+            op.faults.append(prg.fault)
+            for i, (page, r, w) in enumerate(pages):
+                last = i == len(pages) - 1
+                self.counters[FaultCounter.PAGE_REQUEST] += 1
+                log.info("dmaeng sid=%#x: page request pasid=%s page=%#x R=%d W=%d prg=%d L=%d (%d/%d credits) "
+                         "[f%d]", self.sid, op.pasid, page, r, w, index, last, self._outstanding, pri.allocation,
+                         prg.fault)
+                self.smmu.page_request(self.sid, op.pasid, page, index, last, read=r, write=w,
+                                       priv=priv and op.pasid is not None, trace_id=prg.fault)
         return True
 
     def _alloc_prg_index(self) -> int | None:
@@ -454,13 +575,15 @@ class DmaEngine:
             log.info("dmaeng sid=%#x: PRG response %d %s ignored: RF set", self.sid, index, code.name)
             return
         prg = self._prgs.pop(index, None)
+        if prg is not None:
+            TRACER.hop(prg.fault, "endpoint.prg_response", code=code.name, prg=index)
         if prg is None:
             self.counters[FaultCounter.UNEXPECTED_PRG] += 1
             log.warning("dmaeng sid=%#x: PRG response for unknown index %d: UPRGI", self.sid, index)
             if pri is not None:
                 pri.set_unexpected_prg_index()
             return
-        self._outstanding -= prg.count
+        self._set_outstanding(self._outstanding - prg.count)
         op = self._op
         log.info("dmaeng sid=%#x: PRG response prg=%d %s (%d credits outstanding)", self.sid, index, code.name,
                  self._outstanding)
@@ -480,30 +603,47 @@ class DmaEngine:
         if op is not None:
             self._complete(op, CompletionStatus.PRI_RESPONSE_FAILURE, op.first_fault)
         self._prgs.clear()
-        self._outstanding = 0
+        self._set_outstanding(0)
         self._halt()
 
     # ------------------------------------------------------------ completion
     def _complete(self, op: _Op, status: CompletionStatus, f: _Fault | None = None) -> None:
+        if op.epoch != self.epoch:
+            log.info("dmaeng sid=%#x: descriptor %d dropped: engine reset while it ran", self.sid, op.index)
+            return
         self._op = None
         self.head = (self.head + 1) & ((1 << self.queue_log2) - 1)
         fault_addr = f.addr if f is not None else 0
         log.info("dmaeng sid=%#x: descriptor %d completes %s (%d/%d bytes)%s", self.sid, op.index, status.name,
                  op.done, op.length, f" fault at {fault_addr:#x}" if f else "")
-        if op.flags & DescFlags.RCR:
-            rec = COMPLETION.encode(Status=int(status), FaultRnW=int(f is not None and f.access is not Access.WRITE),
-                                    BytesCompleted=min(op.done, 0xFFFFFFFF), FaultAddr=fault_addr,
-                                    FaultEvent=f.event if f is not None else 0)
-            try:
-                self._write(op.pasid, op.completion, rec, bool(op.flags & DescFlags.PRIV))
-            except _Fault as g:
-                self.counters[g.counter] += 1
-                log.warning("dmaeng sid=%#x: completion record write at %#x failed: %s", self.sid,
-                            op.completion, g.reason)
-                self.interrupt(MSIX_VECTOR_ERROR)
-                return
-        if op.flags & DescFlags.RCI:
+        self._sink = op.faults
+        try:
+            recorded = self._write_completion(op, status, f, fault_addr)
+        finally:
+            self._sink = None
+        for fid in dict.fromkeys(op.faults):
+            TRACER.hop(fid, "endpoint.complete", status=status.name, fault_addr=fault_addr, descriptor=op.index,
+                       bytes=op.done)
+        if not recorded:
+            self.interrupt(MSIX_VECTOR_ERROR)
+        elif op.flags & DescFlags.RCI:
             self.interrupt(MSIX_VECTOR_COMPLETION)
+
+    def _write_completion(self, op: _Op, status: CompletionStatus, f: _Fault | None, fault_addr: int) -> bool:
+        """Write the completion record if RCR asks for one; False when that write failed."""
+        if not op.flags & DescFlags.RCR:
+            return True
+        rec = COMPLETION.encode(Status=int(status), FaultRnW=int(f is not None and f.access is not Access.WRITE),
+                                BytesCompleted=min(op.done, 0xFFFFFFFF), FaultAddr=fault_addr,
+                                FaultEvent=f.event if f is not None else 0)
+        try:
+            self._write(op.pasid, op.completion, rec, bool(op.flags & DescFlags.PRIV))
+        except _Fault as g:
+            self.counters[g.counter] += 1
+            log.warning("dmaeng sid=%#x: completion record write at %#x failed: %s [f%d]", self.sid,
+                        op.completion, g.reason, g.fault_id)
+            return False
+        return True
 
     def _halt(self) -> None:
         self.halted = True

@@ -56,7 +56,7 @@ class FaultInfo:
     level: int | None = None
     recorded: bool = False
     abort: bool = True
-    trace_id: int = 0
+    trace_id: int = 0  # the fault's devmodel.trace id (0 when tracing is disabled)
     fields: dict[str, int] = field(default_factory=dict)
 
     @property

@@ -13,6 +13,12 @@ Differences from the Event queue that matter (pitfall 2):
 
 The interrupt follows PRIQ_IRQ_CFG2.LO: 0 = empty -> non-empty, 1 = only when a Last=1
 request is written or discarded by overflow.
+
+Tracing: a page request belongs to the fault of its Page Request Group
+(:data:`devmodel.trace.TRACER`; the endpoint's ``endpoint.page_request`` origin). A
+written record links ``("smmu.priq", slot PA)`` to that fault id before PROD moves and
+the interrupt fires; every request emits one ``smmu.priq`` hop (slot index and PA, or
+``dropped``, why, and the automatic response code if one was sent).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from devmodel.iommu.irq import Interrupts, IrqSource
 from devmodel.iommu.queue import OutputQueue
 from devmodel.iommu.records import PRI, PRI_SIZE, PrgResponseCode
 from devmodel.memory import BusError, Memory
+from devmodel.trace import TRACER
 
 log = logging.getLogger(__name__)
 
@@ -88,58 +95,80 @@ class PriQueue(OutputQueue):
     def prod_locked(self) -> bool:
         return self.guard
 
-    def _auto(self, req: PageRequest, code: PrgResponseCode, pasid: bool, why: str) -> None:
+    def _auto(self, req: PageRequest, code: PrgResponseCode, pasid: bool, why: str) -> str:
+        """Send an automatic PRG Response for ``req``; returns the code's name (for the trace)."""
         self.auto_responses += 1
         ssid = req.ssid if pasid else None
         log.info("priq: auto PRG response %s to sid=%#x prg=%d pasid=%s: %s",
                  code.name, req.sid, req.prg_index, ssid, why)
         self.respond(req.sid, ssid, req.prg_index, code)
+        return code.name
+
+    def _drop(self, fid: int, what: str, reason: str, auto: str | None = None, **detail: object) -> bool:
+        """Count, log and trace a discarded request; always False."""
+        self.dropped += 1
+        log.info("priq: %s discarded: %s%s", what, reason, f" (auto response {auto})" if auto else "")
+        TRACER.hop(fid, "smmu.priq", dropped=True, reason=reason, auto_response=auto, **detail)
+        return False
 
     def page_request(self, req: PageRequest, trace_id: int = 0) -> bool:
-        """Accept one Page Request; return True when it was written to the queue."""
+        """Accept one Page Request; return True when it was written to the queue.
+
+        ``trace_id`` is the fault id of the request's PRG (0: the page request in
+        progress on this thread, born here if the endpoint did not already).
+        """
+        fid = trace_id or TRACER.current()
         what = (f"page request sid={req.sid:#x} ssid={req.ssid} addr={req.addr:#x} "
-                f"prg={req.prg_index} L={int(req.last)} [t{trace_id}]")
+                f"prg={req.prg_index} L={int(req.last)} [f{fid}]")
         if not self.enabled or self.irqs.active(R.Gerror.PRIQ_ABT_ERR):
-            self.dropped += 1
             why = "PRIQ effectively disabled" if not self.enabled else "PRIQ_ABT_ERR active"
-            if not req.stop_marker:
-                self._auto(req, PrgResponseCode.RESPONSE_FAILURE, False, why)
-            else:
-                log.info("priq: %s (stop marker) discarded: %s", what, why)
+            # The hop goes first: the auto response may reach the endpoint synchronously.
+            auto = None if req.stop_marker else PrgResponseCode.RESPONSE_FAILURE
+            self._drop(fid, what, why, auto.name if auto is not None else None)
+            if auto is not None:
+                self._auto(req, auto, False, why)
             return False
+        toggled = False
         if not self.overflow and self.is_full():
-            self.ovflg = not self.ovflg
+            self.ovflg = toggled = not self.ovflg
             log.warning("priq: %s arrived at a full queue: OVFLG toggled to %d", what, self.ovflg)
         if self.overflow:
-            self.dropped += 1
-            log.info("priq: %s discarded: overflow present", what)
-            if req.last and not req.stop_marker:
-                self._overflow_response(req)
+            respond = req.last and not req.stop_marker
+            code = self._overflow_code(req) if respond else None
+            self._drop(fid, what, "overflow present", code.name if code is not None else None, overflow=True,
+                       ovflg_toggled=toggled)
+            if code is not None:
+                self._auto(req, code, code == PrgResponseCode.SUCCESS and self._pasid_in_response(req),
+                           "overflow discard of Last=1")
                 if self.irq_lo:
                     self.irqs.signal(IrqSource.PRIQ)
             return False
         was_empty = self.is_empty()
+        slot = self.index(self.prod)
         addr = self.entry_addr(self.prod)
         try:
             self.memory.write(addr, req.encode())
         except BusError as e:
-            self.dropped += 1
             log.warning("priq: %s write at %#x aborted (%s): PRIQ_ABT_ERR", what, addr, e)
+            auto = None if req.stop_marker else PrgResponseCode.RESPONSE_FAILURE
+            self._drop(fid, what, "write abort", auto.name if auto is not None else None, pa=addr)
             self.irqs.raise_gerror(R.Gerror.PRIQ_ABT_ERR)
-            if not req.stop_marker:
-                self._auto(req, PrgResponseCode.RESPONSE_FAILURE, False, "PRIQ write abort")
+            if auto is not None:
+                self._auto(req, auto, False, "PRIQ write abort")
             return False
+        TRACER.link(("smmu.priq", addr), fid)
         self.prod = self.incr(self.prod)
         self.written += 1
-        log.info("priq: %s written at %#x, PROD=%#x", what, addr, self.prod)
+        log.info("priq: %s written at %#x (slot %d), PROD=%#x", what, addr, slot, self.prod)
+        TRACER.hop(fid, "smmu.priq", slot=slot, pa=addr, prod=self.prod, prg=req.prg_index, last=req.last)
         if (self.irq_lo and req.last) or (not self.irq_lo and was_empty):
             self.irqs.signal(IrqSource.PRIQ)
         return True
 
-    def _overflow_response(self, req: PageRequest) -> None:
+    def _overflow_code(self, req: PageRequest) -> PrgResponseCode:
         """Success for a discarded Last=1 request; Response Failure if the STE is unusable."""
-        ppar = self.ste_ppar(req.sid)
-        if ppar is None:
-            self._auto(req, PrgResponseCode.RESPONSE_FAILURE, False, "overflow; STE cannot be checked")
-        else:
-            self._auto(req, PrgResponseCode.SUCCESS, self.pps or ppar, "overflow discard of Last=1")
+        return PrgResponseCode.RESPONSE_FAILURE if self.ste_ppar(req.sid) is None else PrgResponseCode.SUCCESS
+
+    def _pasid_in_response(self, req: PageRequest) -> bool:
+        """Overflow Success responses carry the PASID when IDR3.PPS or STE.PPAR says so (§2)."""
+        return self.pps or bool(self.ste_ppar(req.sid))

@@ -6,6 +6,11 @@ it places in ``memory``. Endpoints use :meth:`translate`, :meth:`ats_translate`,
 :meth:`translated_access` and :meth:`page_request`, and register per-StreamID callbacks
 for ATC invalidations and PRG responses. All work is synchronous: a CMDQ_PROD write
 consumes the queue before returning.
+
+Fault traces (:data:`devmodel.trace.TRACER`): a faulting translation emits
+``smmu.fault`` then ``smmu.evtq`` (linking ``("smmu.evtq", slot PA)``); a page request
+emits ``smmu.priq`` (linking ``("smmu.priq", slot PA)``). The fault id is the one the
+endpoint's ``TRACER.origin`` scope births on first use.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from devmodel.iommu.tlb import ConfigCache, Iotlb
 from devmodel.iommu.translation import Stage2Hook, Translator
 from devmodel.iommu.faults import SmmuFault
 from devmodel.memory import Memory
+from devmodel.trace import TRACER
 
 log = logging.getLogger(__name__)
 
@@ -148,25 +154,35 @@ class SMMUv3:
                 reason = "STE forbids ATS-Translated traffic"
             except SmmuFault as f:
                 reason = f"STE unusable: {f.reason}"
-        log.info("translated access sid=%#x addr=%#x: F_TRANSL_FORBIDDEN (%s)", sid, addr, reason)
+        fid = TRACER.current()
+        log.info("translated access sid=%#x addr=%#x: F_TRANSL_FORBIDDEN (%s) [f%d]", sid, addr, reason, fid)
+        TRACER.hop(fid, "smmu.fault", event=int(EventId.F_TRANSL_FORBIDDEN), name=EventId.F_TRANSL_FORBIDDEN.name,
+                   sid=sid, ssid=None, addr=addr, stage=0, access=access.name.lower(), outcome="abort", record=True)
         self.eventq.record(encode_event(EventId.F_TRANSL_FORBIDDEN, StreamID=sid, RnW=int(not write),
-                                        InputAddr=addr))
+                                        InputAddr=addr), fid)
         return False
 
     def page_request(self, sid: int, ssid: int | None, addr: int, prg_index: int, last: bool,
                      read: bool = True, write: bool = False, exec_: bool = False, priv: bool = False,
                      trace_id: int = 0) -> bool:
-        """Receive a PCIe Page Request Message; True when it was queued in the PRIQ."""
+        """Receive a PCIe Page Request Message; True when it was queued in the PRIQ.
+
+        ``trace_id``: the PRG's fault id (0 = the endpoint's current page-request scope).
+        """
+        fid = trace_id or TRACER.current()
         req = PageRequest(sid, ssid, addr, prg_index & 0x1FF, last, read, write, exec_, priv)
-        log.info("page request <- sid=%#x ssid=%s addr=%#x prg=%d L=%d R=%d W=%d [t%d]", sid, ssid, addr,
-                 prg_index, last, read, write, trace_id)
-        return self.priq.page_request(req, trace_id)
+        log.info("page request <- sid=%#x ssid=%s addr=%#x prg=%d L=%d R=%d W=%d [f%d]", sid, ssid, addr,
+                 prg_index, last, read, write, fid)
+        return self.priq.page_request(req, fid)
 
     def gbpa_result(self, sid: int, ssid: int | None, iova: int, size: int, access: Access) -> TranslationResult:
         """SMMUEN=0: bypass, or abort without an event when GBPA.ABORT=1."""
         if self.gbpa & R.GBPA_ABORT:
-            log.info("translate sid=%#x iova=%#x: SMMUEN=0 and GBPA.ABORT=1 -> abort, no event", sid, iova)
-            return TranslationResult(pa=None, fault=FaultInfo(event=None, reason="GBPA.ABORT"))
+            fid = TRACER.current()
+            log.info("translate sid=%#x iova=%#x: SMMUEN=0 and GBPA.ABORT=1 -> abort, no event [f%d]", sid, iova, fid)
+            TRACER.hop(fid, "smmu.fault", event=None, name="ABORT", sid=sid, ssid=ssid, addr=iova, stage=0,
+                       access=access.name.lower(), outcome="abort", record=False, reason="GBPA.ABORT")
+            return TranslationResult(pa=None, fault=FaultInfo(event=None, reason="GBPA.ABORT", trace_id=fid))
         return TranslationResult(pa=iova, length=size or 1)
 
     def _ste_ppar(self, sid: int) -> bool | None:

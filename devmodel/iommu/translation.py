@@ -1,7 +1,9 @@
 """The translation pipeline: STE -> CD -> stage 1 -> stage 2, and how faults are reported.
 
-Each step is logged with the transaction's trace id (``[tN]``) so one fault can be
-followed from descriptor to queue record. Fault outcome rules (reference §3.3):
+Walk steps are logged (DEBUG) with a per-transaction id ``[tN]``; a fault is logged and
+traced with its process-wide fault id ``[fN]`` (:data:`devmodel.trace.TRACER`, born at
+the endpoint's access), which :meth:`Translator.report` emits as the ``smmu.fault`` hop
+before the event record is written. Fault outcome rules (reference §3.3):
 
 * configuration errors and other non-Translation faults abort and record;
 * stage-1 Translation-related faults follow CD.{A,R,S}: R records, A=0 means RAZ/WI;
@@ -25,6 +27,7 @@ from devmodel.iommu.records import TRANSLATION_RELATED, EventClass, EventId
 from devmodel.iommu.strtab import StreamConfig
 from devmodel.iommu.tlb import S1Entry
 from devmodel.memory import BusError
+from devmodel.trace import TRACER
 
 if TYPE_CHECKING:
     from devmodel.iommu.smmu import SMMUv3
@@ -182,7 +185,7 @@ class Translator:
                 out = self.s2(sc, out, eff_access, EventClass.IN, tid)
                 length = min(length, 4096 - (out & 0xFFF))
         except SmmuFault as f:
-            return self.report(f, sid, ssid, iova, eff_access, eff_priv, cc, tid or self.next_id())
+            return self.report(f, sid, ssid, iova, eff_access, eff_priv, cc, tid)
         return TranslationResult(pa=out, length=min(length, size) if size else length)
 
     def report(self, f: SmmuFault, sid: int, ssid: int | None, iova: int, access: Access, priv: bool,
@@ -198,12 +201,16 @@ class Translator:
         else:
             record, abort = f.record, True
         record = record and record_allowed
+        fid = TRACER.current()
         info = FaultInfo(event=f.event, reason=f.reason, stage=f.stage, level=f.level, abort=abort,
-                         trace_id=tid, fields=dict(f.fields))
-        log.info("fault[t%d]: sid=%#x ssid=%s iova=%#x %s: %s %s (stage %d%s) -> %s%s", tid, sid, ssid,
+                         trace_id=fid, fields=dict(f.fields))
+        log.info("fault[f%d t%d]: sid=%#x ssid=%s iova=%#x %s: %s %s (stage %d%s) -> %s%s", fid, tid, sid, ssid,
                  iova, access.name, info.name, f.reason, f.stage,
                  f", L{f.level}" if f.level is not None else "",
                  "abort" if abort else "RAZ/WI", ", record" if record and f.event else ", no record")
+        TRACER.hop(fid, "smmu.fault", event=int(f.event) if f.event is not None else None, name=info.name,
+                   sid=sid, ssid=ssid, addr=iova, stage=f.stage, access=access.name.lower(),
+                   outcome="abort" if abort else "raz_wi", record=bool(record and f.event is not None))
         if record and f.event is not None:
             fields = dict(StreamID=sid, SSV=int(ssid is not None), SubstreamID=ssid or 0,
                           InputAddr=iova & ((1 << 64) - 1), RnW=access.rnw,
@@ -211,7 +218,7 @@ class Translator:
             fields.update(f.fields)
             if f.event == EventId.C_BAD_SUBSTREAMID:
                 fields["SubstreamID"] = f.fields.get("SubstreamID", ssid or 0)
-            info.recorded = self.smmu.eventq.record(rec.encode_event(f.event, **fields), tid)
+            info.recorded = self.smmu.eventq.record(rec.encode_event(f.event, **fields), fid)
         return TranslationResult(pa=None, fault=info, raz_wi=not abort)
 
     # ------------------------------------------------------------ ATS
@@ -222,7 +229,7 @@ class Translator:
         if not smmu.smmuen:
             log.info("ats: sid=%#x addr=%#x: SMMUEN=0 -> UR", sid, addr)
             return AtsCompletion(AtsStatus.UR)
-        tid = self.next_id()
+        tid = self.next_id() if log.isEnabledFor(logging.DEBUG) else 0
         cc = None
         try:
             sc, cc = self.resolve(sid, ssid, tid)

@@ -1,0 +1,181 @@
+"""Fixtures for the DMA engine PCI function tests.
+
+The function is driven only through its vfio-user entry points (``region_read`` /
+``region_write`` of config space, BAR0 and BAR2), as a backend would drive it. Its DMA
+goes through a real SMMUv3 whose tables and queues live in a ByteMemory, built by
+``devmodel.iommu.builder`` playing the host driver. :class:`LocalContext` is a small real
+``DeviceContext``: real eventfds for interrupts, and ``call_soon`` work that runs when
+the test calls :meth:`LocalContext.run_pending` (with MODEL_LOCK held, like the worker).
+No client is involved here; the vfio-user path is tested elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from devmodel.devices.dma_engine_pci import DmaEngineFunction
+from devmodel.devices.dma_engine_records import (COMPLETION, COMPLETION_SIZE, CTRL_ENABLE, DESC_SIZE, DESCRIPTOR,
+                                                 QCFG_PASID_EN, QCFG_PASID_SHIFT, DescFlags, FaultCounter, Reg)
+from devmodel.iommu import records as rec
+from devmodel.iommu.builder import make_s1_stream, make_world
+from devmodel.iommu.records import Opcode
+from devmodel.pci import regs
+from vfio_user.device import MODEL_LOCK, PciIrq, PciRegion
+
+SID = 0x20
+PASID = 5
+RING, COMPL, SRC, DST = 0x100000, 0x200000, 0x300000, 0x400000  # IOVAs in PASID 5
+DATA_PA = 0x800000  # data pages are allocated from here
+RING_LOG2 = 4
+
+
+class LocalContext:
+    """A DeviceContext on local memory with real eventfds and a deferred work queue."""
+
+    def __init__(self, memory) -> None:
+        self.dma = memory
+        self._fds: dict[tuple[int, int], int] = {}
+        self._queue: list[Callable[[], None]] = []
+
+    def trigger_irq(self, index: int, subindex: int = 0) -> bool:
+        fd = self._fds.get((index, subindex))
+        if fd is None:
+            return False
+        os.eventfd_write(fd, 1)
+        return True
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        self._queue.append(fn)
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        pass
+
+    def remove_reader(self, fd: int) -> None:
+        pass
+
+    def install_eventfd(self, index: int, subindex: int) -> None:
+        self._fds[(index, subindex)] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def fired(self, index: int, subindex: int) -> int:
+        try:
+            return os.eventfd_read(self._fds[(index, subindex)])
+        except BlockingIOError:
+            return 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def run_pending(self) -> int:
+        ran = 0
+        while self._queue:
+            fn = self._queue.pop(0)
+            with MODEL_LOCK:
+                fn()
+            ran += 1
+        return ran
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+
+
+class Rig:
+    """SMMU world + DMA engine function + the test playing host driver and guest driver."""
+
+    def __init__(self) -> None:
+        self.mem, self.alloc, self.smmu, self.sw = make_world()
+        self.sw.enable()
+        self.stream = make_s1_stream(self.sw, SID, ssids=(PASID,), s1cdmax=3, eats=rec.EATS_FULL)
+        self.pt = self.stream.tables[PASID]
+        self.next_pa = DATA_PA
+        self.dev = DmaEngineFunction(self.smmu, SID, self.mem)
+        self.ctx = LocalContext(self.mem)
+        for vector in range(2):
+            self.ctx.install_eventfd(PciIrq.MSIX, vector)
+        self.dev.attach(self.ctx)
+        self.slot = 0
+        self.map(RING)
+        self.map(COMPL)
+
+    # --- config space / BAR access ------------------------------------------------------
+    def cfg(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.dev.region_read(PciRegion.CONFIG, offset, size), "little")
+
+    def set_cfg(self, offset: int, size: int, value: int) -> None:
+        self.dev.region_write(PciRegion.CONFIG, offset, value.to_bytes(size, "little"))
+
+    def reg(self, offset: int, size: int = 4) -> int:
+        return int.from_bytes(self.dev.region_read(PciRegion.BAR0, offset, size), "little")
+
+    def set_reg(self, offset: int, value: int, size: int = 4) -> None:
+        self.dev.region_write(PciRegion.BAR0, offset, value.to_bytes(size, "little"))
+
+    def fault_counter(self, which: FaultCounter) -> int:
+        return self.reg(Reg.FAULTS + 4 * which)
+
+    # --- guest driver --------------------------------------------------------------------
+    def bring_up(self, *, msix: bool = True, ats: bool = False, pri: bool = False, allocation: int = 32) -> None:
+        """Memory + Bus Master, MSI-X, optional ATS/PRI, ring programmed and engine enabled."""
+        self.set_cfg(regs.PCI_COMMAND, 2, regs.Command.MEMORY | regs.Command.MASTER)
+        if msix:
+            self.set_cfg(self.dev.msix.offset + regs.PCI_MSIX_FLAGS, 2, regs.PCI_MSIX_FLAGS_ENABLE)
+        if ats:
+            self.set_cfg(self.dev.ats.offset + regs.PCI_ATS_CTRL, 2, regs.PCI_ATS_CTRL_ENABLE)
+        if pri:
+            self.enable_pri(allocation)
+        self.set_reg(Reg.QUEUE_BASE, RING, 8)
+        self.set_reg(Reg.QUEUE_CFG, RING_LOG2 | PASID << QCFG_PASID_SHIFT | QCFG_PASID_EN)
+        self.set_reg(Reg.CTRL, CTRL_ENABLE)
+
+    def enable_pri(self, allocation: int = 32) -> None:
+        o = self.dev.pri.offset
+        self.set_cfg(o + regs.PCI_PRI_ALLOC_REQ, 4, allocation)
+        self.set_cfg(o + regs.PCI_PRI_CTRL, 2, regs.PCI_PRI_CTRL_ENABLE)
+
+    def pri_status(self) -> int:
+        return self.cfg(self.dev.pri.offset + regs.PCI_PRI_STATUS, 2)
+
+    def map(self, va: int, write: bool = True) -> int:
+        pa = self.next_pa
+        self.next_pa += 0x1000
+        self.pt.map(va, pa, write=write)
+        return pa
+
+    def pa_of(self, va: int) -> int:
+        r = self.smmu.translate(SID, PASID, va)
+        assert r.ok, r.fault
+        return r.pa
+
+    def submit(self, opcode: int, src: int, dst: int, length: int,
+               flags: int = DescFlags.RCR | DescFlags.RCI, run: bool = True) -> None:
+        """Write a descriptor into the ring, ring the doorbell, and (by default) let the engine run."""
+        desc = DESCRIPTOR.encode(Opcode=opcode, Flags=int(flags), PASID_EN=1, PASID=PASID,
+                                 CompletionAddr=COMPL + self.slot * COMPLETION_SIZE, Src=src, Dst=dst, Length=length)
+        self.mem.write(self.pa_of(RING + self.slot * DESC_SIZE), desc)
+        self.slot += 1
+        self.set_reg(Reg.QUEUE_TAIL, self.slot)
+        if run:
+            self.ctx.run_pending()
+
+    def completion(self, slot: int | None = None):
+        slot = self.slot - 1 if slot is None else slot
+        return COMPLETION.decode(self.mem.read(self.pa_of(COMPL + slot * COMPLETION_SIZE), COMPLETION_SIZE))
+
+    # --- host driver ---------------------------------------------------------------------
+    def respond(self, req, code: int) -> None:
+        """CMD_PRI_RESP for a drained PRIQ record; the engine handles it on its worker."""
+        self.sw.cmd(Opcode.CMD_PRI_RESP, StreamID=SID, SSV=req.SSV, SubstreamID=req.SubstreamID,
+                    PRGIndex=req.PRGIndex, Resp=code)
+        self.ctx.run_pending()
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    r = Rig()
+    yield r
+    r.ctx.close()
+    r.dev.close()
