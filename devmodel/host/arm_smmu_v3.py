@@ -363,9 +363,12 @@ class ArmSmmuV3:
         log.info("strtab: sid %#x STE at %#x <- %s", sid, addr, what)
         self.cmdq.command(Opcode.CMD_CFGI_STE, StreamID=sid, Leaf=1)
 
-    def _eats(self, sid: int) -> int:
+    def _eats(self, sid: int, requested: bool = True) -> int:
+        """Physical EATS: full ATS when the master supports it and the domain does not
+        disable it (a nested domain enables ATS only if the guest STE asked: EATS=0b01)."""
         master = self.masters.get(sid)
-        return rec.EATS_FULL if master is not None and master.ats else rec.EATS_OFF
+        ats = master is not None and master.ats and requested
+        return rec.EATS_FULL if ats else rec.EATS_OFF
 
     def block(self, sid: int) -> None:
         """Blocked STE; ATS masters also get their ATC flushed (CMD_ATC_INV, everything)."""
@@ -378,9 +381,10 @@ class ArmSmmuV3:
         with self.lock:
             self.write_ste(sid, S.s2_ste(vmid, self.s2ps, self._eats(sid)), f"stage 2 (vmid {vmid})")
 
-    def install_nested(self, sid: int, ste0: int, ste1: int, vmid: int) -> None:
+    def install_nested(self, sid: int, ste0: int, ste1: int, vmid: int,
+                       enable_ats: bool = False) -> None:
         with self.lock:
-            ste = S.nested_ste(ste0, ste1, vmid, self.s2ps, self._eats(sid),
+            ste = S.nested_ste(ste0, ste1, vmid, self.s2ps, self._eats(sid, enable_ats),
                                allow_s1stalld=self.stall_model == 0)
             self.write_ste(sid, ste, f"nested (guest STE {ste0:#x}/{ste1:#x}, vmid {vmid})")
 
@@ -401,6 +405,14 @@ class ArmSmmuV3:
             self.stage2.pop(vmid, None)
             self.vmids.free(vmid)
             log.info("vmid %d freed", vmid)
+
+    def flush_ioas(self, ioas: Ioas) -> int:
+        """Flush every VMID whose stage 2 is ``ioas``; how many."""
+        with self.lock:
+            vmids = [v for v, s2 in self.stage2.items() if s2.ioas is ioas]
+            for vmid in vmids:
+                self.flush_vmid(vmid)
+            return len(vmids)
 
     def flush_vmid(self, vmid: int) -> None:
         """The IOAS behind ``vmid`` changed (unmap): drop its cached translations."""

@@ -22,6 +22,7 @@ from devmodel.host.counters import HostCounters
 from devmodel.iommu.records import EventId, decode_event
 from devmodel.iommufd.arm_smmuv3 import FORWARDED_EVENTS, report_event
 from devmodel.iommufd.device import Device
+from devmodel.trace import TRACER
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,13 @@ class HostEventHandler:
         self.counters = counters
         self.lock = lock
 
-    def __call__(self, record: bytes) -> None:
+    def __call__(self, record: bytes, pa: int | None = None) -> None:
         evt = decode_event(record)
         name = event_name(evt.EventID)
         ident = event_identity(evt)
         self.counters.events[name] += 1
+        fid = TRACER.take(("smmu.evtq", pa)) if pa is not None else 0
+        TRACER.hop(fid, "host.evtq", event=name, sid=evt.StreamID, addr=evt.InputAddr)
         log.info("evtq: %s", ident)
         if evt.Stall:
             # STALL_MODEL=terminate on every modelled SMMU: a stall record is unexpected.
@@ -77,7 +80,7 @@ class HostEventHandler:
             self.counters.events_unhandled += 1
             return
         with self.lock:
-            rc = report_event(device, record)
+            rc = report_event(device, record, trace=fid)
         if rc == 0:
             self.counters.events_forwarded += 1
             log.info("evtq: %s: forwarded to the vEVENTQ of dev %d", ident, device.id)

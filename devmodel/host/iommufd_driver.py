@@ -41,6 +41,13 @@ class HostSmmuv3Driver(Smmuv3Driver):
     def alloc_paging(self, hwpt: HwptPaging) -> None:
         hwpt.priv["vmid"] = self.hw.alloc_vmid(hwpt.ioas)
 
+    def ioas_unmapped(self, ioas, iova: int, length: int) -> None:  # noqa: ANN001
+        """IOMMU_IOAS_UNMAP: every VMID whose stage 2 is this IOAS (paging HWPTs and
+        vSMMUs on a parent over it) drops its cached translations of both stages, as
+        Linux flushes a nesting parent's S2 range and the nested S1 entries built on it."""
+        n = self.hw.flush_ioas(ioas)
+        log.info("ioas %d: unmap %#x+%#x flushed %d VMIDs", ioas.id, iova, length, n)
+
     def hwpt_destroy(self, hwpt: Hwpt) -> None:
         vmid = hwpt.priv.pop("vmid", None)
         if vmid is not None:
@@ -67,7 +74,8 @@ class HostSmmuv3Driver(Smmuv3Driver):
         if isinstance(hwpt, HwptNested):
             ste0, ste1 = hwpt.priv["ste"]
             vmid = hwpt.viommu.priv["vmid"] if hwpt.viommu is not None else hwpt.parent.priv["vmid"]
-            self.hw.install_nested(device.sid, ste0, ste1, vmid)
+            self.hw.install_nested(device.sid, ste0, ste1, vmid,
+                                   enable_ats=hwpt.priv.get("enable_ats", False))
         elif isinstance(hwpt, HwptPaging):
             self.hw.install_s2(device.sid, hwpt.priv["vmid"])
         else:

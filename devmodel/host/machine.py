@@ -14,6 +14,7 @@ returns). With ``threaded_irqs=True`` interrupts only mark work pending and rais
 from __future__ import annotations
 
 import logging
+import threading
 
 from devmodel.host.arm_smmu_v3 import ArmSmmuV3, QueueSizes
 from devmodel.host.counters import HostCounters
@@ -38,14 +39,17 @@ class HostMachine:
     ``user_memory`` is the VMM's memory (guest RAM) at user VAs ``[user_base,
     +user_size)``; a :class:`ByteMemory` supplies both itself. The same memory is the
     iommufd context's user memory, so ``IOMMU_IOAS_MAP`` of a user VA is what the SMMU
-    reaches through stage 2.
+    reaches through stage 2. ``lock`` (default: a private RLock) is the one lock the
+    iommufd context and the host driver take; pass ``vfio_user.device.MODEL_LOCK`` when
+    device models call in, so there is a single lock and no ordering between two.
     """
 
     def __init__(self, user_memory: Memory | None = None, user_base: int | None = None,
                  user_size: int | None = None, *, profile: SmmuProfile | None = None,
                  host_base: int = HOST_PRIV_BASE, host_size: int = HOST_PRIV_SIZE,
                  threaded_irqs: bool = False, sizes: QueueSizes = QueueSizes(),
-                 use_msi: bool = True, selftest: bool = False) -> None:
+                 use_msi: bool = True, selftest: bool = False,
+                 lock: "threading.RLock | None" = None) -> None:
         if isinstance(user_memory, ByteMemory):
             user_base = user_memory.base if user_base is None else user_base
             user_size = user_memory.size if user_size is None else user_size
@@ -58,7 +62,7 @@ class HostMachine:
         self.memory.map_mmio(self.doorbell_base, DOORBELL_SIZE,
                              MsiDoorbell(self.doorbell_base, self._deliver_msi))
         self.smmu = SMMUv3(self.memory.space, profile)
-        self.ctx = IommufdContext(user_memory, selftest=selftest)
+        self.ctx = IommufdContext(user_memory, selftest=selftest, lock=lock)
         self.lock = self.ctx.lock
         self.hw = ArmSmmuV3(self.smmu, self.memory, self.ctx, self.smmu.set_stage2,
                             threaded_irqs=threaded_irqs, sizes=sizes,
@@ -95,8 +99,9 @@ class HostMachine:
             self.hw.remove_master(sid)
 
     def flush_ioas(self, ioas_id: int) -> int:
-        """After IOMMU_IOAS_UNMAP: drop cached stage-2 translations of every VMID whose
-        stage 2 is that IOAS (iommufd does not tell the driver about unmaps)."""
+        """Drop cached translations of every VMID whose stage 2 is that IOAS; how many.
+        IOMMU_IOAS_UNMAP already does this through the driver's ``ioas_unmapped`` hook;
+        kept for callers that change an IOAS behind iommufd's back."""
         with self.lock:
             vmids = [v for v, s2 in self.hw.stage2.items() if s2.ioas.id == ioas_id]
             for vmid in vmids:

@@ -26,6 +26,7 @@ from devmodel.host.counters import HostCounters
 from devmodel.host.eventq import MasterLookup
 from devmodel.iommu.records import PRI, PriResp, is_stop_marker
 from devmodel.iommufd import IommufdContext, PageRequest
+from devmodel.trace import TRACER
 from devmodel.iommufd.uapi import (
     IOMMU_PAGE_RESP_FAILURE,
     IOMMU_PAGE_RESP_INVALID,
@@ -89,9 +90,12 @@ class HostPriHandler:
         self.lock = lock
         self.partial: dict[tuple[int, int], PrgGroup] = {}
 
-    def __call__(self, record: bytes) -> None:
+    def __call__(self, record: bytes, pa: int | None = None) -> None:
         rec = PRI.decode(record)
         req = page_request(rec)
+        req.trace = TRACER.take(("smmu.priq", pa)) if pa is not None else 0
+        TRACER.hop(req.trace, "host.priq", sid=rec.StreamID, prg=rec.PRGIndex, last=rec.L,
+                   addr=req.addr)
         sid = rec.StreamID
         pasid = f"{req.pasid:#x}" if req.pasid_valid else "-"
         ident = f"ppr sid={sid:#x} pasid={pasid} index={rec.PRGIndex} addr={req.addr:#x} L={rec.L}"
@@ -138,6 +142,8 @@ class HostPriHandler:
         last = group.requests[-1]
         ssid = last.pasid if last.pasid_valid else None
         log.info("priq: %s: response %d -> CMD_PRI_RESP %s", group.ident(), code, resp.name)
+        fid = last.trace or next((r.trace for r in group.requests if r.trace), 0)
+        TRACER.hop(fid, "host.response", sid=group.sid, prg=group.prg_index, resp=resp.name)
         self.counters.responses[resp.name] += 1
         self.respond(group.sid, ssid, group.prg_index, resp)
 

@@ -56,9 +56,10 @@ class OutputQueue:
         self.mmio.write_reg(self.prod_reg, 0)
         self.mmio.write_reg(self.cons_reg, 0)
 
-    def drain(self, handle: Callable[[bytes], None], on_overflow: Callable[[], None]) -> int:
+    def drain(self, handle: Callable[[bytes, int], None], on_overflow: Callable[[], None]) -> int:
         """Consume every record up to PROD (re-reading PROD until it stops moving);
-        returns the number handled. An overflow seen in PROD is reported through
+        ``handle(record, slot_address)`` gets each one (the slot address is the trace
+        correlation key the SMMU linked when it wrote the record); returns the number handled. An overflow seen in PROD is reported through
         ``on_overflow`` once, *after* the records written before it were handled, and
         then acknowledged (CONS.OVACKFLG = PROD.OVFLG)."""
         handled = 0
@@ -72,7 +73,7 @@ class OutputQueue:
                 self.cons = (self.cons + 1) & mask
                 # Free the slot before handling: handling may cause more records.
                 self.mmio.write_reg(self.cons_reg, self.cons | self.ovack)
-                handle(record)
+                handle(record, addr)
                 handled += 1
             if ovflg != self.ovack:
                 log.warning("%s: overflow detected (PROD=%#x): records were lost", self.name, prod)

@@ -76,9 +76,17 @@ CommandSink = Callable[["Viommu", list[tuple[int, int]]], None]
 AttachHook = Callable[["Device", int, object], None]
 
 
+def vste_enable_ats(ste1: int) -> bool:
+    """Whether a guest STE asks for ATS (EATS=0b01): the kernel keeps this as the nested
+    domain's ``enable_ats`` and the physical STE gets EATS=TRANS at attach only when the
+    master supports ATS too. The guest's EATS bits themselves never reach the hardware."""
+    return (ste1 & _EATS_IN_STE1) >> (_STE_EATS.lsb - 64) == EATS_FULL
+
+
 def validate_vste(ste0: int, ste1: int) -> tuple[int, int]:
     """``arm_smmu_validate_vste``: a non-valid STE becomes abort; disallowed bits, configs
-    other than abort/bypass/S1, or EATS other than ABT/TRANS -> EIO. EATS is cleared."""
+    other than abort/bypass/S1, or EATS other than ABT/TRANS -> EIO. EATS is cleared from
+    the stored STE (its request is kept apart: :func:`vste_enable_ats`)."""
     raw = ste0 | ste1 << 64
     ste = STE.unpack(raw)
     if not ste.V:
@@ -118,6 +126,7 @@ class Smmuv3Driver(IommuDriver):
     def viommu_alloc_nested(self, hwpt: "HwptNested", data: UserData) -> None:
         arg = data.copy_struct(IOMMU_HWPT_DATA_ARM_SMMUV3, "iommu_hwpt_arm_smmuv3", "ste")
         hwpt.priv["ste"] = validate_vste(arg.ste[0], arg.ste[1])
+        hwpt.priv["enable_ats"] = hwpt.priv["ste"] != (0, 0) and vste_enable_ats(arg.ste[1])
         log.info("nested STE for hwpt %d: %#018x %#018x", hwpt.id, *hwpt.priv["ste"])
 
     def convert(self, viommu: "Viommu", cmd0: int, cmd1: int) -> tuple[int, int]:
@@ -167,7 +176,7 @@ class Smmuv3Driver(IommuDriver):
         return pack(info)
 
 
-def report_event(device: "Device", evt: bytes) -> int:
+def report_event(device: "Device", evt: bytes, trace: int = 0) -> int:
     """Forward one 32-byte physical event of ``device`` to its vSMMU's vEVENTQ with the
     virtual SID swapped in (section 3.7). 0 / negative errno like the kernel: -EOPNOTSUPP
     when the event ID is not forwarded or the device is not a nested master."""
@@ -182,4 +191,5 @@ def report_event(device: "Device", evt: bytes) -> int:
     raw = _with_field(raw, EVENT.fields["StreamID"], virt_id & 0xFFFFFFFF)
     log.info("event %s of sid %#x forwarded as vsid %#x", FORWARDED_EVENTS[event_id],
              device.sid, virt_id)
-    return viommu_report_event(viommu, IOMMU_VEVENTQ_TYPE_ARM_SMMUV3, raw.to_bytes(len(evt), "little"))
+    return viommu_report_event(viommu, IOMMU_VEVENTQ_TYPE_ARM_SMMUV3, raw.to_bytes(len(evt), "little"),
+                               trace)

@@ -116,6 +116,11 @@ class IommuDriver:
     def hwpt_destroy(self, hwpt: "HwptPaging | HwptNested") -> None:
         """A domain is going away."""
 
+    def ioas_unmapped(self, ioas, iova: int, length: int) -> None:  # noqa: ANN001
+        """``[iova, +length)`` was unmapped from ``ioas``, which backs at least one of this
+        driver's paging domains: invalidate every cached translation of it (the kernel's
+        ``iommu_unmap`` + IOTLB sync). ``length`` may be U64_MAX for "everything"."""
+
     # --- vIOMMU -------------------------------------------------------------------
     def viommu_init(self, viommu: "Viommu", data: UserData | None) -> None:
         """A vIOMMU of a supported type is being created on this instance."""

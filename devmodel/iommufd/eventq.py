@@ -18,6 +18,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from devmodel.iommufd.iopf import IopfGroup
+from devmodel.trace import TRACER
 from devmodel.iommufd.objects import IommufdObject, ObjType, fail
 from devmodel.iommufd.uapi import (
     INT_MAX,
@@ -172,6 +173,8 @@ class Fault(EventQueue):
     def handle_group(self, group: IopfGroup) -> None:
         """The domain's IOPF handler: queue the group and wake pollers (never fails)."""
         self.deliver.append(group)
+        TRACER.hop(group.trace, "iommufd.fault", fault_obj=self.id, dev_id=group.device.id,
+                   grpid=group.last.grpid, requests=len(group.requests))
         log.info("fault %d: queued group dev=%d grpid=%#x (%d requests)", self.id,
                  group.device.id, group.last.grpid, len(group.requests))
         self._signal()
@@ -194,6 +197,7 @@ class Fault(EventQueue):
             self.deliver.popleft()
             group.cookie = self._cookies.alloc()
             self.response[group.cookie] = group
+            TRACER.link(("fault", self.id, group.cookie), group.trace)
             for req in group.requests:
                 out += self._record(group, req)
             log.info("fault %d: delivered grpid=%#x cookie=%d", self.id, group.last.grpid,
@@ -217,6 +221,7 @@ class Fault(EventQueue):
                 error = fail(errno.EINVAL, f"cookie {cookie} is not awaiting a response")
                 break
             self._cookies.release(cookie)
+            TRACER.hop(group.trace, "iommufd.response", fault_obj=self.id, cookie=cookie, code=code)
             log.info("fault %d: response cookie=%d code=%d", self.id, cookie, code)
             group.respond(code)  # uAPI codes equal the kernel's SUCCESS/INVALID
             done += PAGE_RESPONSE_SIZE
@@ -231,11 +236,16 @@ class Fault(EventQueue):
         n = 0
         for group in [g for g in self.deliver if g.handle is handle]:
             self.deliver.remove(group)
+            TRACER.hop(group.trace, "iommufd.response", fault_obj=self.id, code=IOMMU_PAGE_RESP_INVALID,
+                       auto=True)
             group.respond(IOMMU_PAGE_RESP_INVALID)
             n += 1
         for cookie, group in [(c, g) for c, g in self.response.items() if g.handle is handle]:
             del self.response[cookie]
             self._cookies.release(cookie)
+            TRACER.take(("fault", self.id, cookie))  # the reader will never see this cookie again
+            TRACER.hop(group.trace, "iommufd.response", fault_obj=self.id, cookie=cookie,
+                       code=IOMMU_PAGE_RESP_INVALID, auto=True)
             group.respond(IOMMU_PAGE_RESP_INVALID)
             n += 1
         if n:
@@ -286,8 +296,10 @@ class Veventq(EventQueue):
     def readable(self) -> bool:
         return bool(self.entries)
 
-    def report(self, data: bytes) -> int:
-        """The locked part of ``iommufd_viommu_report_event`` (section 3.3); 0 or -ENOMEM."""
+    def report(self, data: bytes, trace: int = 0) -> int:
+        """The locked part of ``iommufd_viommu_report_event`` (section 3.3); 0 or -ENOMEM.
+        ``trace`` (a fault id) is linked to the record's ``("veventq", id, sequence)``,
+        lost events included (the reader accounts for them by sequence)."""
         self.reported += 1
         rc = 0
         if self.num_events == self.depth:
@@ -299,7 +311,14 @@ class Veventq(EventQueue):
             ev = _Vevent(bytes(data))
             self.num_events += 1
         self._enqueue(ev)
-        log.info("veventq %d: %s seq=%d", self.id, "LOST" if ev.lost else "event", ev.sequence)
+        seq = (self.sequence - 1) & INT_MAX  # the number this report consumed
+        if ev.lost:
+            TRACER.hop(trace, "iommufd.lost", veventq=self.id, seq=seq,
+                       reason="nomem" if rc else "full")
+        else:
+            TRACER.hop(trace, "iommufd.veventq", veventq=self.id, seq=seq)
+        TRACER.link(("veventq", self.id, seq), trace)
+        log.info("veventq %d: %s seq=%d", self.id, "LOST" if ev.lost else "event", seq)
         return rc
 
     def _enqueue(self, ev: _Vevent) -> None:
@@ -375,7 +394,7 @@ def veventq_alloc(ctx: "IommufdContext", cmd) -> None:  # noqa: ANN001
              viommu.id, cmd.out_veventq_fd)
 
 
-def viommu_report_event(viommu: "Viommu", qtype: int, data: bytes) -> int:
+def viommu_report_event(viommu: "Viommu", qtype: int, data: bytes, trace: int = 0) -> int:
     """``iommufd_viommu_report_event``: 0 (queued or lost to a full queue), -ENOMEM
     (allocation failed, lost), -EOPNOTSUPP (no queue of that type), -EINVAL (no data)."""
     if not data:
@@ -384,4 +403,4 @@ def viommu_report_event(viommu: "Viommu", qtype: int, data: bytes) -> int:
     if q is None:
         log.info("viommu %d: no vEVENTQ of type %#x, event dropped", viommu.id, qtype)
         return -errno.EOPNOTSUPP
-    return q.report(data)
+    return q.report(data, trace)

@@ -134,7 +134,21 @@ def ioas_unmap(ctx: "IommufdContext", cmd) -> None:  # noqa: ANN001
         raise fail(errno.EOVERFLOW, "range wraps")
     if not cmd.length:
         raise fail(errno.EINVAL, "length 0")
-    cmd.length = ioas.unmap(cmd.iova, cmd.length)
+    iova, length = cmd.iova, cmd.length
+    cmd.length = ioas.unmap(iova, length)
+    notify_unmap(ioas, iova, length)
+
+
+def notify_unmap(ioas: Ioas, iova: int, length: int) -> None:
+    """Tell every driver with a domain on ``ioas`` that ``[iova, +length)`` is gone, as
+    ``iopt_unmap_iova`` unmaps each domain and the driver flushes its IOTLB before the
+    ioctl returns (a stale stage-2 translation must not outlive the unmap)."""
+    drivers = []
+    for hwpt in ioas.hwpts:
+        if hwpt.driver not in drivers:
+            drivers.append(hwpt.driver)
+    for driver in drivers:
+        driver.ioas_unmapped(ioas, iova, length)
 
 
 def ioas_iova_ranges(ctx: "IommufdContext", cmd) -> None:  # noqa: ANN001

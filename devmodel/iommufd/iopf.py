@@ -36,6 +36,8 @@ class PageRequest:
     perm: int
     addr: int
     private_data: tuple[int, int] = (0, 0)
+    #: Fault id of the request (devmodel.trace), 0 when untraced; not part of the record.
+    trace: int = field(default=0, compare=False)
 
     @property
     def last(self) -> bool:
@@ -65,6 +67,13 @@ class IopfGroup:
     @property
     def last(self) -> PageRequest:
         return self.requests[-1]
+
+    @property
+    def trace(self) -> int:
+        """The group's fault id: its Last request's, else the first traced member's."""
+        if self.last.trace:
+            return self.last.trace
+        return next((r.trace for r in self.requests if r.trace), 0)
 
     def respond(self, code: int) -> bool:
         """Send the group's response to the driver, at most once (io-pgfault rule)."""

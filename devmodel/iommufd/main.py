@@ -131,15 +131,19 @@ class IommufdContext(IommufdApi):
 
     ``user_memory`` is the VMM's address space that struct pointers refer to.
     ``selftest`` enables IOMMU_TEST_CMD and the mock driver (``mock_driver``).
+    ``lock`` is the one re-entrant lock every entry point takes: pass the process's model
+    lock (``vfio_user.device.MODEL_LOCK``) so device callbacks and host handlers share a
+    single lock and no lock-order inversion between them is possible.
     """
 
-    def __init__(self, user_memory: Memory | None = None, selftest: bool = True) -> None:
+    def __init__(self, user_memory: Memory | None = None, selftest: bool = True,
+                 lock: "threading.RLock | None" = None) -> None:
         self.table = ObjectTable()
         self.user = _UserMemory(user_memory)
         self.selftest = selftest
         self.mock_driver = selftest_driver() if selftest else None
         self.files: dict[int, EventQueue] = {}
-        self.lock = threading.RLock()
+        self.lock = lock if lock is not None else threading.RLock()
         self.closed = False
 
     # --- byte-level entry point -----------------------------------------------------
