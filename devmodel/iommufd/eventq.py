@@ -15,6 +15,7 @@ import logging
 import os
 import struct
 from collections import deque
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from devmodel.iommufd.iopf import IopfGroup
@@ -153,6 +154,39 @@ class _CookieAllocator:
         heapq.heappush(self._free, cookie)
 
 
+@dataclass
+class ResponsePolicy:
+    """Fault injection on the page-response path (not a kernel feature; see ``inject.host.response``).
+
+    ``mode`` applies to the next ``remaining`` responses written to any FAULT fd: ``pass``
+    delivers them, ``drop`` loses them after the write succeeded (the device's PRG stays
+    outstanding, as with a lost PRG Response Message), ``hold`` keeps them until
+    :meth:`release` delivers them in order (a slow path).
+    """
+
+    mode: str = "pass"
+    remaining: int = 0
+    held: list = field(default_factory=list)
+    dropped: int = 0
+    delayed: int = 0
+
+    def take(self) -> str:
+        if self.mode == "pass" or self.remaining <= 0:
+            return "pass"
+        self.remaining -= 1
+        if self.mode == "drop":
+            self.dropped += 1
+        else:
+            self.delayed += 1
+        return self.mode
+
+    def release(self) -> int:
+        held, self.held = self.held, []
+        for group, code in held:
+            group.respond(code)
+        return len(held)
+
+
 class Fault(EventQueue):
     """``struct iommufd_fault``: page-request groups to user space, responses back.
 
@@ -221,10 +255,18 @@ class Fault(EventQueue):
                 error = fail(errno.EINVAL, f"cookie {cookie} is not awaiting a response")
                 break
             self._cookies.release(cookie)
-            TRACER.hop(group.trace, "iommufd.response", fault_obj=self.id, cookie=cookie, code=code)
-            log.info("fault %d: response cookie=%d code=%d", self.id, cookie, code)
-            group.respond(code)  # uAPI codes equal the kernel's SUCCESS/INVALID
             done += PAGE_RESPONSE_SIZE
+            action = self.ctx.response_policy.take()
+            TRACER.hop(group.trace, "iommufd.response", fault_obj=self.id, cookie=cookie, code=code,
+                       **({"injected": action} if action != "pass" else {}))
+            log.info("fault %d: response cookie=%d code=%d%s", self.id, cookie, code,
+                     "" if action == "pass" else f" ({action}, injected)")
+            if action == "drop":
+                continue  # lost on the way to the device: its PRG stays outstanding
+            if action == "hold":
+                self.ctx.response_policy.held.append((group, code))
+                continue
+            group.respond(code)  # uAPI codes equal the kernel's SUCCESS/INVALID
         if done:
             return done
         if error is not None:

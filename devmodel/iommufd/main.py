@@ -21,7 +21,7 @@ from devmodel.iommufd import device as devmod
 from devmodel.iommufd import eventq, hw_pagetable, ioas, selftest, viommu
 from devmodel.iommufd.api import IommufdApi
 from devmodel.iommufd.driver import IommuDriver
-from devmodel.iommufd.eventq import EventQueue, Veventq, viommu_report_event
+from devmodel.iommufd.eventq import EventQueue, ResponsePolicy, Veventq, viommu_report_event
 from devmodel.iommufd.iopf import PageRequest, ResponseCallback, report_device_fault
 from devmodel.iommufd.objects import IommufdObject, ObjectTable, ObjType, fail
 from devmodel.iommufd.uapi import IOMMUFD_TYPE, Cmd, end_of, sizeof, unpack, pack
@@ -139,6 +139,7 @@ class IommufdContext(IommufdApi):
     def __init__(self, user_memory: Memory | None = None, selftest: bool = True,
                  lock: "threading.RLock | None" = None) -> None:
         self.table = ObjectTable()
+        self.response_policy = ResponsePolicy()
         self.user = _UserMemory(user_memory)
         self.selftest = selftest
         self.mock_driver = selftest_driver() if selftest else None
@@ -318,11 +319,12 @@ class IommufdContext(IommufdApi):
             dev = self.table.lookup(dev_id, ObjType.DEVICE)
             return report_device_fault(dev, req, on_response or dev.page_response)
 
-    def viommu_report_event(self, viommu_id: int, qtype: int, data: bytes) -> int:
+    def viommu_report_event(self, viommu_id: int, qtype: int, data: bytes, trace: int = 0) -> int:
         """``iommufd_viommu_report_event``: 0 (queued, or lost to a full queue), -ENOMEM
-        (injected allocation failure: lost), -EOPNOTSUPP (no queue of that type)."""
+        (injected allocation failure: lost), -EOPNOTSUPP (no queue of that type).
+        ``trace`` is the fault id the record carries in the tracer (0: untraced)."""
         with self.lock:
-            return viommu_report_event(self.table.lookup(viommu_id, ObjType.VIOMMU), qtype, data)
+            return viommu_report_event(self.table.lookup(viommu_id, ObjType.VIOMMU), qtype, data, trace)
 
     def veventq(self, veventq_id: int) -> Veventq:
         """The queue object (counters ``reported``/``lost_full``/``lost_nomem``)."""

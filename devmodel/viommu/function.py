@@ -125,6 +125,7 @@ class VIommuFunction(PciFunction):
         self._events: list[Vevent | LostEvents] = []
         self._groups: list[PageGroup] = []
         self._scheduled = False
+        self.held = False  # fault injection: guest delivery on hold (see hold_delivery)
         self._reconfig = False
         super().__init__()
         self._setup_host()
@@ -271,8 +272,9 @@ class VIommuFunction(PciFunction):
             self._reconfig = False
             self._reconfigure_all()
         self.cmdq.consume()
-        self._flush_events()
-        self._flush_groups()
+        if not self.held:
+            self._flush_events()
+            self._flush_groups()
         self.counters.evtq_overflows = self.evtq.overflow_signals
         self.counters.priq_overflows = self.priq.overflow_signals
 
@@ -397,6 +399,25 @@ class VIommuFunction(PciFunction):
 
     def _priq_abort(self) -> None:
         self._gerror(R.Gerror.PRIQ_ABT_ERR)
+
+    # ------------------------------------------------------------ fault injection
+    def hold_delivery(self, on: bool) -> dict:
+        """Hold (or release) guest delivery: records keep being read from the fds but wait
+        in the VMM; on release they are written at once, so a burst larger than the free
+        space of the guest queue overflows it (SMMUv3 rules apply as usual)."""
+        self.held = on
+        waiting = {"events": len(self._events), "groups": len(self._groups)}
+        log.warning("viommu: guest delivery %s (%s waiting)", "held" if on else "released", waiting)
+        if not on:
+            self._kick()
+        return {"held": on, **waiting}
+
+    def inject_gerror(self, name: str) -> dict:
+        """Toggle GERROR.<name> as the hardware would on that error (and raise the vector)."""
+        bit = R.Gerror[name]
+        was = self.regs.gerror_active(bit)
+        self._gerror(bit)
+        return {"bit": name, "was_active": was, "active": self.regs.gerror_active(bit)}
 
     # ------------------------------------------------------------ interrupts / errors
     _IRQ_ENABLE = {MsixVector.EVENTQ: R.IrqCtrl.EVENTQ_IRQEN, MsixVector.PRIQ: R.IrqCtrl.PRIQ_IRQEN,
