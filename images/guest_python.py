@@ -15,6 +15,8 @@ What goes in (all from bookworm packages, unpacked privately):
   import at module level, under ``/usr/lib/python3/dist-packages`` (on Debian's default
   ``sys.path``), with generated side-effect-free package ``__init__`` files, sources kept
   for readable tracebacks;
+* the guest agent package ``devmodel_agent`` (guest/agent; ``dm`` on the PATH comes from
+  guest/rootfs) next to them, minus its host-only simulation module;
 * a ``.pth`` putting ``/usr/lib/devmodel`` (the guest helpers in guest/rootfs) on sys.path.
 
 The staged tree is checked on the host before use: the staged interpreter must import
@@ -49,16 +51,23 @@ STDLIB_MODULES = (
     "functools", "io", "itertools", "json", "logging", "mmap", "os", "re", "select", "selectors",
     "signal", "stat", "struct", "sys", "time", "traceback", "typing", "runpy", "encodings.latin_1",
     "encodings.ascii",
+    # The agent (``dm``) and what argparse / its help output import lazily.
+    "locale", "gettext", "socket", "socketserver", "subprocess", "threading",
 )
 #: Project modules the guest shares with the host code (paths from the project root). The
 #: ``devmodel`` modules they import at module level are added automatically.
-SHARED_MODULES = ("devmodel/memory.py", "devmodel/iommu/records.py")
+SHARED_MODULES = ("devmodel/memory.py", "devmodel/iommu/records.py", "devmodel/iommu/registers.py",
+                  "devmodel/iommu/builder.py", "devmodel/devices/dma_engine_records.py", "devmodel/pci/regs.py",
+                  "devmodel/viommu/registers.py")
 #: Where shared project modules live in the guest (on Debian's default sys.path).
 SITE_DIR = "usr/lib/python3/dist-packages"
 #: Guest-side helpers shipped by guest/rootfs, put on sys.path through a .pth file.
 HELPER_DIR = "usr/lib/devmodel"
 HELPER_SOURCE = PROJECT_ROOT / "guest" / "rootfs" / HELPER_DIR
 STDLIB_DIR = f"usr/lib/{PYTHON}"
+#: The guest agent package (``dm``), shipped next to the shared modules; host-only modules stay out.
+AGENT_SOURCE = PROJECT_ROOT / "guest" / "agent" / "devmodel_agent"
+AGENT_HOST_ONLY = ("hostsim.py",)
 #: Never shipped: Debian's sitecustomize is a link to /etc outside the package root.
 SKIP_STDLIB = ("sitecustomize",)
 INIT_DOC = '"""Guest copy of {name}: only the modules the guest shares (see images/guest_python.py)."""\n'
@@ -146,6 +155,18 @@ def helper_sources() -> list[Path]:
     return sorted(HELPER_SOURCE.glob("*.py")) if HELPER_SOURCE.is_dir() else []
 
 
+def agent_sources() -> list[Path]:
+    """The guest agent's modules that ship (everything but the host-only simulation)."""
+    if not AGENT_SOURCE.is_dir():
+        return []
+    return sorted(p for p in AGENT_SOURCE.glob("*.py") if p.name not in AGENT_HOST_ONLY)
+
+
+def agent_module_names() -> list[str]:
+    return [AGENT_SOURCE.name if p.stem == "__init__" else f"{AGENT_SOURCE.name}.{p.stem}"
+            for p in agent_sources() if p.stem != "__main__"]
+
+
 def _dotted_names(files: list[Path], root: Path = PROJECT_ROOT) -> list[str]:
     return [_dotted(p, root) for p in files]
 
@@ -173,7 +194,7 @@ def stdlib_closure(root: Path, shared_site: Path, shared_names: list[str]) -> di
     """Stdlib files (relative to ``STDLIB_DIR``) that importing everything wanted loads."""
     argv, env = _interp(root)
     env["PYTHONPATH"] = f"{shared_site}:{HELPER_SOURCE}"
-    wanted = [*STDLIB_MODULES, *shared_names, *(p.stem for p in helper_sources())]
+    wanted = [*STDLIB_MODULES, *shared_names, *(p.stem for p in helper_sources()), *agent_module_names()]
     script = ("import importlib, json, sys\n"
               f"for m in {wanted!r}: importlib.import_module(m)\n"
               "print(json.dumps({k: getattr(v, '__file__', None) for k, v in sys.modules.items()}))")
@@ -250,6 +271,8 @@ def _stage_shared(stage: Path, shared: list[Path]) -> list[tuple[Path, Path, str
     for pkg in packages:
         init = site / pkg / "__init__.py"
         init.write_text(INIT_DOC.format(name=".".join(pkg.parts)))
+    for path in agent_sources():
+        _copy(path, site / AGENT_SOURCE.name / path.name, stage)
     for src in sorted(site.rglob("*.py")):
         rel = src.relative_to(stage)
         pyc = src.parent / "__pycache__" / f"{src.stem}.cpython-311.pyc"
@@ -290,7 +313,7 @@ def _validate(stage: Path, shared_names: list[str]) -> None:
     """The staged interpreter imports everything wanted from the staged tree alone."""
     argv, env = _interp(stage)
     env["PYTHONPATH"] = str(HELPER_SOURCE)
-    wanted = [*STDLIB_MODULES, *shared_names, *(p.stem for p in helper_sources())]
+    wanted = [*STDLIB_MODULES, *shared_names, *(p.stem for p in helper_sources()), *agent_module_names()]
     script = ("import importlib, sys\n"
               f"for m in {wanted!r}: importlib.import_module(m)\n"
               f"prefixes = (sys.prefix.rstrip('/') + '/', {str(HELPER_SOURCE) + '/'!r})\n"
@@ -305,7 +328,8 @@ def key() -> str:
     shared = shared_closure()
     return digest(SUITE, PACKAGES, STDLIB_MODULES, SHARED_MODULES, SITE_DIR, HELPER_DIR,
                   [str(p.relative_to(PROJECT_ROOT)) for p in shared], [p.name for p in helper_sources()],
-                  file_digest(*shared, *helper_sources(), Path(__file__)))
+                  [p.name for p in agent_sources()],
+                  file_digest(*shared, *helper_sources(), *agent_sources(), Path(__file__)))
 
 
 def staged() -> Path:

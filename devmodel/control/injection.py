@@ -185,12 +185,16 @@ def register_injections(control: ControlServer, machine: "Machine") -> None:
     }, help="drop or hold (delay until 'release') the next page responses written to the FAULT fd")
 
     # --- viommu ----------------------------------------------------------------------------
-    def viommu_hold(on: bool) -> dict[str, Any]:
+    def viommu_hold(on: bool, stage: str) -> dict[str, Any]:
         with MODEL_LOCK:
-            return viommu.hold_delivery(on)
+            return viommu.hold_delivery(on, stage)
 
-    control.register("inject.viommu.hold", viommu_hold, {"on": Param(bool, required=True)},
-                     help="hold guest event/PRI delivery (records wait in the fds); off releases them")
+    control.register("inject.viommu.hold", viommu_hold, {
+        "on": Param(bool, required=True),
+        "stage": Param(str, default="guest", choices=("guest", "fd"),
+                       help="guest: read the fds but hold writes to the guest queues (guest queue "
+                            "overflows on release); fd: stop reading the fds (the host vEVENTQ overflows)"),
+    }, help="hold event/PRI delivery to the guest; on=false releases everything held")
 
     def viommu_gerror(bit: str) -> dict[str, Any]:
         with MODEL_LOCK:

@@ -126,6 +126,7 @@ class VIommuFunction(PciFunction):
         self._groups: list[PageGroup] = []
         self._scheduled = False
         self.held = False  # fault injection: guest delivery on hold (see hold_delivery)
+        self.fd_held = False  # fault injection: the VMM stops reading its fds
         self._reconfig = False
         super().__init__()
         self._setup_host()
@@ -142,11 +143,12 @@ class VIommuFunction(PciFunction):
 
     def attach(self, ctx) -> None:  # noqa: ANN001 - DeviceContext
         super().attach(ctx)
-        ctx.add_reader(self.veventq_fd, self._veventq_readable)
-        ctx.add_reader(self.fault_fd, self._fault_readable)
+        if not self.fd_held:
+            ctx.add_reader(self.veventq_fd, self._veventq_readable)
+            ctx.add_reader(self.fault_fd, self._fault_readable)
 
     def detach(self) -> None:
-        if self.ctx is not None:
+        if self.ctx is not None and not self.fd_held:
             self.ctx.remove_reader(self.veventq_fd)
             self.ctx.remove_reader(self.fault_fd)
         super().detach()
@@ -401,16 +403,33 @@ class VIommuFunction(PciFunction):
         self._gerror(R.Gerror.PRIQ_ABT_ERR)
 
     # ------------------------------------------------------------ fault injection
-    def hold_delivery(self, on: bool) -> dict:
-        """Hold (or release) guest delivery: records keep being read from the fds but wait
-        in the VMM; on release they are written at once, so a burst larger than the free
-        space of the guest queue overflows it (SMMUv3 rules apply as usual)."""
-        self.held = on
+    def hold_delivery(self, on: bool, stage: str = "guest") -> dict:
+        """Hold (or release) delivery, for overflowing a queue on purpose.
+
+        ``stage="guest"``: records keep being read from the fds but wait in the VMM; on
+        release they are written at once, so a burst larger than the guest queue's free
+        space overflows it. ``stage="fd"``: the VMM stops reading the vEVENTQ and FAULT
+        fds, so the host's vEVENTQ fills and loses events (LOST_EVENTS) as the kernel's
+        would when a VMM is slow. Release undoes both.
+        """
+        if stage == "fd":
+            self.fd_held = on
+            if self.ctx is not None:
+                if on:
+                    self.ctx.remove_reader(self.veventq_fd)
+                    self.ctx.remove_reader(self.fault_fd)
+                else:
+                    self.ctx.add_reader(self.veventq_fd, self._veventq_readable)
+                    self.ctx.add_reader(self.fault_fd, self._fault_readable)
+                    self._read_veventq()
+                    self._read_faults()
+        else:
+            self.held = on
         waiting = {"events": len(self._events), "groups": len(self._groups)}
-        log.warning("viommu: guest delivery %s (%s waiting)", "held" if on else "released", waiting)
+        log.warning("viommu: %s delivery %s (%s waiting)", stage, "held" if on else "released", waiting)
         if not on:
             self._kick()
-        return {"held": on, **waiting}
+        return {"held": on, "stage": stage, **waiting}
 
     def inject_gerror(self, name: str) -> dict:
         """Toggle GERROR.<name> as the hardware would on that error (and raise the vector)."""

@@ -1,0 +1,136 @@
+"""The interfaces the driver logic is written against, and the reserved-RAM allocator.
+
+Why: the same SMMUv3 / DMA-engine driver code runs in the guest (registers through a
+sysfs BAR mmap, memory through ``/dev/mem``, interrupts from devmodel_uirq) and on the
+host in tests (registers of the emulated SMMUv3, a ByteMemory, wired interrupt
+callbacks). Only these small protocols cross that boundary.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from typing import Protocol
+
+
+class AgentError(Exception):
+    """A request the agent refuses or cannot complete; carries an errno name for clients."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def name(self) -> str:
+        return errno.errorcode.get(self.code, str(self.code))
+
+
+class Regs(Protocol):
+    """A device's register BAR. 64-bit accesses may be split into two 32-bit halves."""
+
+    def read32(self, offset: int) -> int: ...
+
+    def write32(self, offset: int, value: int) -> None: ...
+
+    def read64(self, offset: int) -> int: ...
+
+    def write64(self, offset: int, value: int) -> None: ...
+
+
+class Memory(Protocol):
+    """Physical memory the agent owns (guest: the reserved range through /dev/mem)."""
+
+    def read(self, addr: int, size: int) -> bytes: ...
+
+    def write(self, addr: int, data: bytes) -> None: ...
+
+
+class PciConfig(Protocol):
+    """A function's configuration space (guest: sysfs ``config``)."""
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, value: int, size: int) -> None: ...
+
+
+class IrqLine(Protocol):
+    """Per-vector interrupt counts of one function (guest: devmodel_uirq)."""
+
+    nvec: int
+
+    def wait(self, timeout: float | None) -> list[int] | None:
+        """Block until a count changed; the counts, or None on timeout."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Regs64Split:
+    """Mixin: 64-bit register accesses as two 32-bit halves, low half first (SMMUv3 §6.2)."""
+
+    def read32(self, offset: int) -> int:  # pragma: no cover - provided by the concrete class
+        raise NotImplementedError
+
+    def write32(self, offset: int, value: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def read64(self, offset: int) -> int:
+        return self.read32(offset) | self.read32(offset + 4) << 32
+
+    def write64(self, offset: int, value: int) -> None:
+        self.write32(offset, value & 0xFFFF_FFFF)
+        self.write32(offset + 4, (value >> 32) & 0xFFFF_FFFF)
+
+
+def read64(mem: Memory, addr: int) -> int:
+    """Little-endian 64-bit load (every SMMUv3 structure is little-endian)."""
+    return int.from_bytes(mem.read(addr, 8), "little")
+
+
+def write64(mem: Memory, addr: int, value: int) -> None:
+    mem.write(addr, value.to_bytes(8, "little"))
+
+
+PAGE = 4096
+
+
+class Allocator:
+    """Page-granular allocator over the reserved window, with a free list of single pages.
+
+    Queues and tables are allocated once; DMA pages come and go with map/unmap, so freed
+    single pages are reused first. Every allocation is zeroed (hardware must never see
+    stale descriptors).
+    """
+
+    def __init__(self, mem: Memory, base: int, size: int) -> None:
+        self.mem = mem
+        self.base = base
+        self.end = base + size
+        self.next = base
+        self.free_pages: list[int] = []
+        self.lock = threading.Lock()
+
+    def alloc(self, size: int, align: int = PAGE) -> int:
+        """``size`` zeroed bytes aligned to ``align`` (at least one page); ENOMEM when exhausted."""
+        size = max(size, 1)
+        align = max(align, PAGE)
+        with self.lock:
+            if size <= PAGE and align == PAGE and self.free_pages:
+                addr = self.free_pages.pop()
+            else:
+                addr = (self.next + align - 1) & ~(align - 1)
+                if addr + size > self.end:
+                    raise AgentError(errno.ENOMEM, f"reserved memory exhausted ({size:#x} bytes wanted)")
+                self.next = addr + ((size + PAGE - 1) & ~(PAGE - 1))
+        self.mem.write(addr, bytes((size + PAGE - 1) & ~(PAGE - 1)))
+        return addr
+
+    def free_page(self, addr: int) -> None:
+        with self.lock:
+            if self.base <= addr < self.end and addr not in self.free_pages:
+                self.free_pages.append(addr)
+
+    @property
+    def used(self) -> int:
+        return self.next - self.base - len(self.free_pages) * PAGE
