@@ -98,6 +98,13 @@ IRQ_SET = Layout("IrqSet", [("argsz", "I"), ("flags", "I"), ("index", "I"), ("st
 #: VFIO_USER_REGION_READ/WRITE head, data follows.
 REGION_ACCESS = Layout("RegionAccess", [("offset", "Q"), ("region", "I"), ("count", "I")])
 
+#: A whole REGION_READ/WRITE message head (header then REGION_ACCESS) in one struct, so
+#: the hot path decodes and encodes a region access with one call (composed from the two
+#: declared layouts, not re-spelled).
+REGION_ACCESS_MSG = struct.Struct("=" + HEADER.struct.format.lstrip("=")
+                                  + REGION_ACCESS.struct.format.lstrip("="))
+REGION_ACCESS_MSG_SIZE = REGION_ACCESS_MSG.size
+
 #: VFIO_USER_DMA_READ/WRITE head, data follows.
 DMA_ACCESS = Layout("DmaAccess", [("addr", "Q"), ("count", "Q")])
 
@@ -414,6 +421,10 @@ class MessageReader:
         else:
             self._pos = pos
         return out
+
+    def buffered(self) -> bool:
+        """True while part of a message waits for more bytes (the fast path must not skip it)."""
+        return bool(self._buf)
 
     def pending_fds(self) -> list[int]:
         """Fds received for messages not yet complete (to close on disconnect)."""

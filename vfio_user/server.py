@@ -49,11 +49,15 @@ from vfio_user.protocol import (
     DMA_MAP_FLAGS_VALID,
     DMA_UNMAP,
     DMA_UNMAP_FLAG_ALL,
+    FLAG_NO_REPLY,
+    HEADER,
     HEADER_SIZE,
     IRQ_INFO,
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
     REGION_ACCESS,
+    REGION_ACCESS_MSG,
+    REGION_ACCESS_MSG_SIZE,
     REGION_INFO,
     REGION_INFO_CAP_SPARSE_MMAP,
     REGION_IO_FDS,
@@ -90,7 +94,15 @@ DMA_TIMEOUT = 10.0
 _REPLY = int(MsgType.REPLY)
 #: Requests whose fds the handler keeps (any other request's fds are closed).
 _FD_CONSUMERS = frozenset({Command.DMA_MAP, Command.DEVICE_SET_IRQS})
-_HDR = struct.Struct("=HHIII")
+_HDR = HEADER.struct
+_ACCESS_MSG = REGION_ACCESS_MSG
+_ACCESS_MSG_SIZE = REGION_ACCESS_MSG_SIZE
+_READ = int(Command.REGION_READ)
+_WRITE = int(Command.REGION_WRITE)
+_NO_REPLY = FLAG_NO_REPLY
+# Plain ints: testing an IntFlag member costs an enum call per message.
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 
 
 class MessageDmaError(BusError, DmaError):
@@ -271,6 +283,7 @@ class _Connection:
         # mmap/munmap pair per message and halve the round-trip rate.
         self.rbuf = bytearray(RECV_SIZE)
         self.rview = memoryview(self.rbuf)
+        self._rbufs = [self.rbuf]
         self.negotiated = False
         self.closed = False
         self.client_caps = Capabilities()
@@ -279,6 +292,8 @@ class _Connection:
         self.irqs: IrqState | None = None
         self.num_regions = 0
         self.regions: dict[int, RegionInfo] = {}
+        #: Sizes of non-empty regions already described: what the fast path range-checks.
+        self.region_sizes: dict[int, int] = {}
         self.ctx = _Context(self)
         self.send_lock = threading.Lock()
         self.pending: dict[int, _DmaWaiter] = {}
@@ -303,16 +318,43 @@ class _Connection:
     # -- I/O ----------------------------------------------------------------------------
 
     def on_readable(self) -> None:
+        """Read what the socket holds, answer every complete request, send replies at once.
+
+        The common case (no fds, no partial message left over, negotiated) decodes REGION_READ
+        and REGION_WRITE requests straight from the receive buffer with one precompiled
+        struct; anything else from the first unusual message on goes through the framing
+        reader and :meth:`handle`, in order.
+        """
         try:
-            nbytes, anc, flags, _ = self.sock.recvmsg_into([self.rbuf], ANC_SIZE, socket.MSG_DONTWAIT)
+            nbytes, anc, flags, _ = self.sock.recvmsg_into(self._rbufs, ANC_SIZE, _MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             log.info("%s: receive failed: %s", self.endpoint.path, exc)
             self.close()
             return
+        if anc or flags & _MSG_CTRUNC or not nbytes or not self.negotiated or self.reader.buffered():
+            self._on_data_slow(nbytes, anc, flags)
+            return
+        out: list[bytes] = []
+        with MODEL_LOCK:
+            pos = self._fast_path(nbytes, out)
+            if pos < nbytes:
+                msgs = self.reader.feed(self.rview[pos:nbytes])
+                if not self._dispatch(msgs, out):
+                    return
+        if out and not self.closed:
+            try:
+                with self.send_lock:  # uncontended unless a worker is sending a DMA message
+                    self.sock.sendall(b"".join(out))
+            except OSError as exc:
+                log.info("%s: send failed: %s", self.endpoint.path, exc)
+                self.close()
+
+    def _on_data_slow(self, nbytes: int, anc: list[tuple[int, int, bytes]], flags: int) -> None:
+        """Bytes with fds, a truncated fd list, EOF, or before VERSION: the general path."""
         fds = _fds_from_ancillary(anc)
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             fds.append(-1)  # marks the message as having lost fds: it will be rejected
         if not nbytes:
             _close_fds(fds)
@@ -323,26 +365,94 @@ class _Connection:
         if not msgs:
             return
         out: list[bytes] = []
-        debug = log.isEnabledFor(logging.DEBUG)
         with MODEL_LOCK:
-            for m in msgs:
+            if not self._dispatch(msgs, out):
+                return
+        if out:
+            self._send(out[0] if len(out) == 1 else b"".join(out), [])
+
+    def _fast_path(self, nbytes: int, out: list[bytes]) -> int:
+        """Serve leading well-formed REGION_READ/WRITE requests in ``rbuf[:nbytes]``.
+
+        Returns the offset of the first byte not consumed. A request stops the fast path
+        (and is left to :meth:`handle`, which gives the architectural error) when it is
+        not a plain command, is out of the region's range, has count 0, or is incomplete.
+        MODEL_LOCK is held by the caller.
+        """
+        buf = self.rbuf
+        unpack = _ACCESS_MSG.unpack_from
+        pack = _ACCESS_MSG.pack
+        sizes = self.region_sizes
+        max_xfer = self.server.max_data_xfer_size
+        dev = self.device
+        debug = log.isEnabledFor(logging.DEBUG)
+        pos = 0
+        while nbytes - pos >= _ACCESS_MSG_SIZE:
+            msg_id, cmd, size, mflags, _, offset, region, count = unpack(buf, pos)
+            limit = sizes.get(region, 0)
+            if not 0 < count <= max_xfer or offset + count > limit:
+                break
+            if cmd == _READ and size == _ACCESS_MSG_SIZE and mflags == 0:
                 if debug:
-                    log.debug("%s: <- %s id=%d flags=%#x size=%d fds=%d", self.endpoint.path,
-                              m.command_name(), m.msg_id, m.flags, len(m.payload), len(m.fds))
-                reply, reply_fds = self.handle(m)
-                if reply is None:
-                    continue
+                    log.debug("%s: <- REGION_READ id=%d region %d %#x+%d", self.endpoint.path,
+                              msg_id, region, offset, count)
+                try:
+                    data = dev.region_read(region, offset, count)
+                    if len(data) != count:
+                        raise ProtocolError(errno.EIO, "device returned a short read")
+                except Exception as exc:
+                    reply = self._handler_failed(self._message_at(pos, size), exc)[0]
+                    if reply is not None:
+                        out.append(reply)
+                else:
+                    out.append(pack(msg_id, cmd, _ACCESS_MSG_SIZE + count, _REPLY, 0, offset, region, count))
+                    out.append(data)
+            elif (cmd == _WRITE and size == _ACCESS_MSG_SIZE + count and not mflags & ~_NO_REPLY
+                  and nbytes - pos >= size):
+                if debug:
+                    log.debug("%s: <- REGION_WRITE id=%d region %d %#x+%d%s", self.endpoint.path,
+                              msg_id, region, offset, count, " posted" if mflags else "")
+                try:
+                    dev.region_write(region, offset, bytes(self.rview[pos + _ACCESS_MSG_SIZE:pos + size]))
+                except Exception as exc:
+                    reply = self._handler_failed(self._message_at(pos, size), exc)[0]
+                    if reply is not None:
+                        out.append(reply)
+                else:
+                    if not mflags:
+                        out.append(pack(msg_id, cmd, _ACCESS_MSG_SIZE, _REPLY, 0, offset, region, count))
+            else:
+                break
+            pos += size
+        return pos
+
+    def _message_at(self, pos: int, size: int) -> Message:
+        """The request at ``rbuf[pos:pos+size]`` as a :class:`Message` (error paths only)."""
+        msg_id, cmd, _, mflags, err = _HDR.unpack_from(self.rbuf, pos)
+        return Message(msg_id, cmd, mflags, err, bytes(self.rbuf[pos + HEADER_SIZE:pos + size]), [])
+
+    def _dispatch(self, msgs: list[Message], out: list[bytes]) -> bool:
+        """Handle framed messages in order, appending replies to ``out``; False once closed.
+
+        A reply carrying fds flushes ``out`` first and goes in its own sendmsg, because fds
+        travel with the first byte of the call that carries them. MODEL_LOCK is held.
+        """
+        debug = log.isEnabledFor(logging.DEBUG)
+        for m in msgs:
+            if debug:
+                log.debug("%s: <- %s id=%d flags=%#x size=%d fds=%d", self.endpoint.path,
+                          m.command_name(), m.msg_id, m.flags, len(m.payload), len(m.fds))
+            reply, reply_fds = self.handle(m)
+            if reply is not None:
                 if reply_fds:
-                    # fds travel with the first byte of a sendmsg: give them their own call
                     self._send(b"".join(out), [])
                     out.clear()
                     self._send(reply, reply_fds)
                 else:
                     out.append(reply)
-                if self.closed:
-                    return
-        if out:
-            self._send(out[0] if len(out) == 1 else b"".join(out), [])
+            if self.closed:
+                return False
+        return True
 
     def _send(self, data: bytes, fds: list[int]) -> None:
         if not data or self.closed:
@@ -405,16 +515,8 @@ class _Connection:
             return self._reject(m, errno.EINVAL, "unknown or unsupported command")
         try:
             payload, fds = handler(m)
-        except ProtocolError as exc:
-            return self._reject(m, exc.errno, exc.reason)
-        except DmaFromHandlerError:
-            log.error("%s: device did DMA inside a %s handler", self.endpoint.path, m.command_name())
-            return self._reject(m, errno.EIO, "DMA from handler")
-        except OSError as exc:
-            return self._reject(m, exc.errno or errno.EIO, f"device: {exc}")
-        except Exception:
-            log.exception("%s: device failed on %s", self.endpoint.path, m.command_name())
-            return self._reject(m, errno.EIO, "device exception")
+        except Exception as exc:
+            return self._handler_failed(m, exc)
         if m.fds and m.command not in _FD_CONSUMERS:
             log.warning("%s: closing %d stray fds sent with %s", self.endpoint.path, len(m.fds),
                         m.command_name())
@@ -422,6 +524,18 @@ class _Connection:
         if m.flags & 0x10:  # FLAG_NO_REPLY: processed, nothing sent
             return None, []
         return pack_header(m.msg_id, m.command, len(payload), _REPLY) + payload, fds
+
+    def _handler_failed(self, m: Message, exc: Exception) -> tuple[bytes | None, list[int]]:
+        """The error reply for a request whose handler raised (shared by both paths)."""
+        if isinstance(exc, ProtocolError):
+            return self._reject(m, exc.errno, exc.reason)
+        if isinstance(exc, DmaFromHandlerError):
+            log.error("%s: device did DMA inside a %s handler", self.endpoint.path, m.command_name())
+            return self._reject(m, errno.EIO, "DMA from handler")
+        if isinstance(exc, OSError):
+            return self._reject(m, exc.errno or errno.EIO, f"device: {exc}")
+        log.error("%s: device failed on %s", self.endpoint.path, m.command_name(), exc_info=exc)
+        return self._reject(m, errno.EIO, "device exception")
 
     def _reject(self, m: Message, err: int, reason: str) -> tuple[bytes | None, list[int]]:
         _close_fds(m.fds)
@@ -515,6 +629,8 @@ class _Connection:
                 raise ProtocolError(errno.EINVAL, f"region index {index} out of range")
             info = self.device.region_info(index)
             self.regions[index] = info
+            if info.size:
+                self.region_sizes[index] = info.size
         return info
 
     def _get_region_info(self, m: Message) -> tuple[bytes, list[int]]:

@@ -13,6 +13,7 @@ calls its ``create_device()`` factory, so a new device model needs no change her
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -22,8 +23,14 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from vfio_user.device import VfioUserDevice
+
+if TYPE_CHECKING:
+    from vfio_user.server import Server
 
 log = logging.getLogger(__name__)
 
@@ -70,25 +77,106 @@ def plan_sockets(devices: list[str], sockets: list[str] | None, directory: str |
     return [(name, path, f"ep{i}") for i, (name, path) in enumerate(zip(devices, paths))]
 
 
-def qemu_arguments(plan: list[tuple[str, str, str]]) -> list[str]:
+def qemu_device_spec(path: str, dev_id: str, model: VfioUserDevice | None = None) -> dict[str, Any]:
+    """The JSON properties of one ``-device vfio-user-pci``: the single place they are made.
+
+    A device factory influences them by giving its model a ``qemu_properties`` dict (for
+    example ``{"addr": "0x4"}`` to pin the function at a fixed slot); those entries are
+    merged over the defaults, except the socket, which is always the one we serve.
+    """
+    spec: dict[str, Any] = {"driver": "vfio-user-pci", "socket": {"path": path, "type": "unix"}, "id": dev_id}
+    extra = getattr(model, "qemu_properties", None) if model is not None else None
+    if extra:
+        spec.update({k: v for k, v in dict(extra).items() if k != "socket"})
+    return spec
+
+
+def qemu_device_json(path: str, dev_id: str, model: VfioUserDevice | None = None) -> str:
+    """:func:`qemu_device_spec` as the compact JSON QEMU's ``-device`` accepts."""
+    return json.dumps(qemu_device_spec(path, dev_id, model), separators=(",", ":"))
+
+
+def qemu_arguments(plan: list[tuple[str, str, str]],
+                   models: list[VfioUserDevice] | None = None) -> list[str]:
     """The QEMU command-line fragments that attach every planned socket."""
     args = [
         f"-machine q35,memory-backend=mem -m {QEMU_MEMORY}",
         f"-object memory-backend-memfd,id=mem,size={QEMU_MEMORY},share=on",
     ]
-    for _, path, dev_id in plan:
-        spec = {"driver": "vfio-user-pci", "socket": {"path": path, "type": "unix"}, "id": dev_id}
-        args.append("-device " + shlex.quote(json.dumps(spec, separators=(",", ":"))))
+    for i, (_, path, dev_id) in enumerate(plan):
+        model = models[i] if models is not None else None
+        args.append("-device " + shlex.quote(qemu_device_json(path, dev_id, model)))
     return args
 
 
-def print_instructions(plan: list[tuple[str, str, str]], out=sys.stdout) -> None:
+@dataclass
+class ServedDevice:
+    """One device model and where it is served."""
+
+    name: str
+    path: str
+    qemu_id: str
+    model: VfioUserDevice
+
+    def qemu_device_json(self) -> str:
+        return qemu_device_json(self.path, self.qemu_id, self.model)
+
+
+def create_served(devices: list[str], sockets: list[str] | None = None,
+                  directory: str | None = None) -> list[ServedDevice]:
+    """Plan sockets and instantiate the models; ValueError on a bad name or count.
+
+    Models created before a failure are closed, so a bad ``--device`` leaks nothing.
+    """
+    plan = plan_sockets(devices, sockets, directory)
+    served: list[ServedDevice] = []
+    try:
+        for name, path, dev_id in plan:
+            served.append(ServedDevice(name, path, dev_id, create_device(name)))
+    except BaseException:
+        close_models(served)
+        raise
+    return served
+
+
+def close_models(served: list[ServedDevice]) -> None:
+    """Release what the models hold (memfds, threads) through their optional ``close()``."""
+    for item in served:
+        close = getattr(item.model, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.exception("closing %s failed", item.name)
+
+
+@contextlib.contextmanager
+def serving(served: list[ServedDevice]) -> Iterator["Server"]:
+    """Serve every device on its socket; on exit stop the server (sockets are removed)
+    and close the models, whatever happened inside."""
+    from vfio_user.server import Server  # imported here so `devmodel --help` stays light
+
+    server = Server()
+    try:
+        for item in served:
+            os.makedirs(os.path.dirname(item.path), mode=0o700, exist_ok=True)
+            server.add_device(item.path, item.model)
+        server.start_in_thread()
+        yield server
+    finally:
+        log.info("stopping server")
+        server.stop()
+        close_models(served)
+
+
+def print_instructions(plan: list[tuple[str, str, str]], out=sys.stdout,
+                       models: list[VfioUserDevice] | None = None) -> None:
     print("Serving:", file=out)
     for name, path, dev_id in plan:
         print(f"  {dev_id}: {name} on {path}", file=out)
     print("\nAttach with these QEMU arguments (start QEMU after this server; it never reconnects):",
           file=out)
-    print("  " + " \\\n  ".join(qemu_arguments(plan)), file=out)
+    print("  " + " \\\n  ".join(qemu_arguments(plan, models)), file=out)
     print("\nGuest RAM must be a shared memfd backend (share=on); with share=off QEMU maps it "
           "copy-on-write and device DMA silently never reaches the guest.", file=out)
     print("Press Ctrl-C to stop.", file=out, flush=True)
@@ -96,36 +184,23 @@ def print_instructions(plan: list[tuple[str, str, str]], out=sys.stdout) -> None
 
 def run(args: argparse.Namespace) -> int:
     """Create the devices and sockets, print the QEMU arguments, serve until a signal."""
-    from vfio_user.server import Server  # imported here so `devmodel --help` stays light
-
     devices = args.device or [DEFAULT_DEVICE]
     try:
-        plan = plan_sockets(devices, args.socket, args.dir)
-        models = [(create_device(name), path) for name, path, _ in plan]
+        served = create_served(devices, args.socket, args.dir)
     except ValueError as exc:
         print(f"devmodel serve: {exc}", file=sys.stderr)
         return 2
-    for _, path in models:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    server = Server()
-    for model, path in models:
-        server.add_device(path, model)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.start_in_thread()
-        print_instructions(plan)
-        while not stop.wait(1.0):
-            pass
+        with serving(served):
+            print_instructions([(d.name, d.path, d.qemu_id) for d in served],
+                               models=[d.model for d in served])
+            while not stop.wait(1.0):
+                pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        log.info("stopping server")
-        server.stop()
-        for model, _ in models:
-            close = getattr(model, "close", None)
-            if close is not None:
-                close()
     return 0
 
 
