@@ -107,7 +107,7 @@ def register_injections(control: ControlServer, machine: "Machine") -> None:
             for _ in range(count):
                 fid = TRACER.begin("inject", what="smmu.event", event=event_id, sid=target, ssid=ssid, addr=addr)
                 ids.append(fid)
-                written += bool(host.smmu.evtq.record(rec.EVENT.encode(fields), trace_id=fid))
+                written += bool(host.smmu.eventq.record(rec.EVENT.encode(fields), trace_id=fid))
         return {"written": written, "dropped": count - written, "fault_ids": ids[:64]}
 
     control.register("inject.smmu.event", smmu_event, {

@@ -80,7 +80,7 @@ class VeventReader:
             if pos + EVENT_SIZE > len(data):
                 log.error("veventq %d: truncated record at seq %d", self.veventq_id, seq)
                 break
-            if self.prev_seq >= 0 and seq != expected:
+            if seq != expected:  # a new vEVENTQ's sequence starts at 0, so a loss before the first read counts too
                 lost = self._lost_between(expected, (seq - 1) % SEQ_MOD)
                 log.warning("veventq %d: sequence gap %d -> %d: %d events lost",
                             self.veventq_id, self.prev_seq, seq, lost.count)
