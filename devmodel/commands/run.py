@@ -39,7 +39,8 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from devmodel.commands.serve import DEFAULT_DEVICE, ServedDevice, create_served, serving
+from devmodel.commands.serve import (DEFAULT_DEVICE, ServedDevice, add_backend_option, control_path,
+                                     create_served, serving)
 
 if TYPE_CHECKING:
     from guest.harness import Guest
@@ -92,7 +93,7 @@ def qemu_device_args(served: list[ServedDevice]) -> list[str]:
 @contextmanager
 def machine(devices: list[str], *, accel: str | None = None, memory_mb: int = DEFAULT_MEMORY_MB,
             qemu_args: list[str] | None = None, boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
-            append: str = "") -> Iterator[tuple["Guest", list[ServedDevice]]]:
+            append: str = "", backend: str = "python") -> Iterator[tuple["Guest", list[ServedDevice]]]:
     """Serve ``devices`` on sockets in a private directory and boot a guest attached to them.
 
     Yields (booted guest, served devices). On exit the guest is powered off, the server
@@ -104,8 +105,8 @@ def machine(devices: list[str], *, accel: str | None = None, memory_mb: int = DE
 
     sock_dir = temp_socket_dir()
     try:
-        served = create_served(devices, None, sock_dir)
-        with serving(served):
+        served = create_served(devices, None, sock_dir, ram_mb=memory_mb)
+        with serving(served, backend):
             config = GuestConfig(memory_mb=memory_mb, memory_backend="memory-backend-memfd",
                                  extra_args=qemu_device_args(served) + list(qemu_args or []),
                                  accel=accel, boot_timeout=boot_timeout, append=append)
@@ -186,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
     from guest.harness import GuestError
     from images.qemu import QemuError
     import pexpect
+    from vfio_user.backend import BackendUnavailable
 
     interactive = not args.exec
     if interactive and not (sys.stdin.isatty() and sys.stdout.isatty()):
@@ -198,11 +200,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         with machine(args.device or [DEFAULT_DEVICE], accel=args.accel, memory_mb=args.memory,
                      qemu_args=qemu_args, boot_timeout=args.boot_timeout,
-                     append=args.append or "") as (guest, _):
+                     append=args.append or "", backend=args.backend) as (guest, served):
+            print(f"devmodel run: control socket {control_path(served)}", file=sys.stderr, flush=True)
             if interactive:
                 return interact(guest)
             return run_commands(guest, args.exec, args.timeout, args.keep_going)
-    except ValueError as exc:  # unknown device name
+    except (ValueError, BackendUnavailable) as exc:  # unknown device name, missing library
         print(f"devmodel run: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except CommandTimeout as exc:
@@ -230,6 +233,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "machine did not start.")
     parser.add_argument("--device", action="append", metavar="NAME",
                         help=f"device model from devmodel.devices (repeatable; default {DEFAULT_DEVICE})")
+    add_backend_option(parser)
     parser.add_argument("--exec", action="append", metavar="CMD",
                         help="run CMD in the guest shell and print its output (repeatable)")
     parser.add_argument("--keep-going", action="store_true",

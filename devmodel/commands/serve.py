@@ -34,8 +34,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DEVICE = "testdev"
-QEMU_MEMORY = "512M"
+#: The whole machine (vIOMMU + DMA engine behind the SMMU, devmodel.machine): several
+#: functions served together, each at its fixed slot.
+MACHINE = "machine"
+DEFAULT_DEVICE = MACHINE
+QEMU_MEMORY = "1G"  # the guest agent's reserved window sits at 512 MiB
 
 
 def default_dir() -> str:
@@ -117,17 +120,21 @@ class ServedDevice:
     path: str
     qemu_id: str
     model: VfioUserDevice
+    #: The :class:`devmodel.machine.Machine` this function belongs to (None for a lone device).
+    machine: Any = None
 
     def qemu_device_json(self) -> str:
         return qemu_device_json(self.path, self.qemu_id, self.model)
 
 
 def create_served(devices: list[str], sockets: list[str] | None = None,
-                  directory: str | None = None) -> list[ServedDevice]:
+                  directory: str | None = None, ram_mb: int = 1024) -> list[ServedDevice]:
     """Plan sockets and instantiate the models; ValueError on a bad name or count.
 
     Models created before a failure are closed, so a bad ``--device`` leaks nothing.
     """
+    if MACHINE in devices:
+        return _create_machine(devices, sockets, directory, ram_mb)
     plan = plan_sockets(devices, sockets, directory)
     served: list[ServedDevice] = []
     try:
@@ -139,8 +146,31 @@ def create_served(devices: list[str], sockets: list[str] | None = None,
     return served
 
 
+def _create_machine(devices: list[str], sockets: list[str] | None, directory: str | None,
+                    ram_mb: int) -> list[ServedDevice]:
+    """The machine's functions, one socket each (``<function>.sock`` in the directory)."""
+    from devmodel.machine import Machine
+
+    if devices != [MACHINE]:
+        raise ValueError(f"{MACHINE!r} is served alone (it already contains its endpoint)")
+    m = Machine(ram_mb=ram_mb)
+    if sockets and len(sockets) != len(m.functions):
+        m.close()
+        raise ValueError(f"the machine has {len(m.functions)} functions "
+                         f"({', '.join(f.name for f in m.functions)}) but {len(sockets)} sockets were given")
+    directory = os.path.abspath(directory or default_dir())
+    paths = [os.path.abspath(p) for p in sockets] if sockets else \
+        [os.path.join(directory, f"{f.name}.sock") for f in m.functions]
+    return [ServedDevice(f.name, path, f.name, f.model, m) for f, path in zip(m.functions, paths)]
+
+
 def close_models(served: list[ServedDevice]) -> None:
     """Release what the models hold (memfds, threads) through their optional ``close()``."""
+    for machine in {id(i.machine): i.machine for i in served if i.machine is not None}.values():
+        try:
+            machine.close()
+        except Exception:
+            log.exception("closing the machine failed")
     for item in served:
         close = getattr(item.model, "close", None)
         if close is not None:
@@ -150,22 +180,43 @@ def close_models(served: list[ServedDevice]) -> None:
                 log.exception("closing %s failed", item.name)
 
 
-@contextlib.contextmanager
-def serving(served: list[ServedDevice]) -> Iterator["Server"]:
-    """Serve every device on its socket; on exit stop the server (sockets are removed)
-    and close the models, whatever happened inside."""
-    from vfio_user.server import Server  # imported here so `devmodel --help` stays light
+def control_path(served: list[ServedDevice]) -> str:
+    """The control socket lives next to the first vfio-user socket."""
+    return os.path.join(os.path.dirname(served[0].path), "control.sock")
 
-    server = Server()
+
+@contextlib.contextmanager
+def serving(served: list[ServedDevice], backend: str = "python") -> Iterator["Server"]:
+    """Serve every device on its socket, plus the control socket; on exit stop both
+    (sockets are removed) and close the models, whatever happened inside."""
+    # imported here so `devmodel --help` stays light
+    from devmodel.control import ControlServer
+    from devmodel.control.injection import register_injections
+    from vfio_user.backend import create_server
+
+    control = None
+    try:
+        server = create_server(backend)
+    except BaseException:
+        close_models(served)
+        raise
     try:
         for item in served:
             os.makedirs(os.path.dirname(item.path), mode=0o700, exist_ok=True)
             server.add_device(item.path, item.model)
         server.start_in_thread()
+        control = ControlServer(control_path(served))
+        machine = next((i.machine for i in served if i.machine is not None), None)
+        if machine is not None:
+            control.add_stats("machine", machine.counters)
+            register_injections(control, machine)
+        control.start()
         yield server
     finally:
         log.info("stopping server")
         server.stop()
+        if control is not None:
+            control.stop()
         close_models(served)
 
 
@@ -184,6 +235,8 @@ def print_instructions(plan: list[tuple[str, str, str]], out=sys.stdout,
 
 def run(args: argparse.Namespace) -> int:
     """Create the devices and sockets, print the QEMU arguments, serve until a signal."""
+    from vfio_user.backend import BackendUnavailable
+
     devices = args.device or [DEFAULT_DEVICE]
     try:
         served = create_served(devices, args.socket, args.dir)
@@ -193,15 +246,27 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with serving(served):
+        with serving(served, args.backend):
             print_instructions([(d.name, d.path, d.qemu_id) for d in served],
                                models=[d.model for d in served])
+            print(f"Control socket: {control_path(served)} (devmodel stats|trace|inject --control ...)",
+                  flush=True)
             while not stop.wait(1.0):
                 pass
+    except BackendUnavailable as exc:
+        print(f"devmodel serve: {exc}", file=sys.stderr)
+        return 2
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def add_backend_option(parser: argparse.ArgumentParser) -> None:
+    from vfio_user.backend import BACKENDS
+    parser.add_argument("--backend", choices=BACKENDS, default="python",
+                        help="vfio-user server: the pure-Python one (default) or libvfio-user "
+                             "(set LIBVFIO_USER to the library if it is not installed)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -215,4 +280,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="socket path, once per device (repeatable)")
     parser.add_argument("--device", action="append", metavar="NAME",
                         help=f"device model from devmodel.devices (repeatable; default {DEFAULT_DEVICE})")
+    add_backend_option(parser)
     parser.set_defaults(func=run)

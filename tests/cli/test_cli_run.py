@@ -46,6 +46,8 @@ def private_tmp():
 
 def devmodel_run(tmpdir: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     env = dict(os.environ, TMPDIR=tmpdir)
+    if "--device" not in args:  # these tests exercise the lone test endpoint
+        args = ("--device", "testdev", *args)
     return subprocess.run([sys.executable, "-m", "devmodel", "run", *args], env=env,
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
@@ -149,7 +151,7 @@ def test_command_timeout_exits_124_and_tears_down(private_tmp):
 @pytest.mark.qemu
 def test_sigterm_during_the_run_tears_everything_down(private_tmp):
     env = dict(os.environ, TMPDIR=private_tmp)
-    proc = subprocess.Popen([sys.executable, "-m", "devmodel", "run", "--exec", "echo started; sleep 120"],
+    proc = subprocess.Popen([sys.executable, "-m", "devmodel", "run", "--device", "testdev", "--exec", "echo started; sleep 120"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
     try:
@@ -170,3 +172,16 @@ def test_sigterm_during_the_run_tears_everything_down(private_tmp):
             proc.kill()
             proc.wait()
     assert_torn_down(private_tmp)
+
+
+@pytest.mark.qemu
+def test_run_defaults_to_the_machine_and_a_fault_reaches_the_guest(private_tmp):
+    """Without --device the whole machine is served: vIOMMU at 00:03.0, engine at 00:04.0,
+    and a scripted fault shows up in the guest's event queue."""
+    r = devmodel_run(private_tmp, "--device", "machine", "--exec", "pcilist",
+                     "--exec", "dm up >/dev/null && dm dma fill --pasid 1 --dst 0x300000 --len 64 "
+                               "&& dm events --wait 1")
+    assert r.returncode == 0, r.stderr
+    assert "0000:00:03.0 080600 1af4:10f1" in r.stdout and "0000:00:04.0 088000 1af4:10f2" in r.stdout
+    assert "name=F_TRANSLATION sid=0x20 ssv=1 ssid=1 addr=0x300000" in r.stdout
+    assert "control socket" in r.stderr

@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -60,7 +61,7 @@ def test_serve_runs_until_sigterm():
 
     tmp = tempfile.mkdtemp(prefix="pci-serve-")
     sock = os.path.join(tmp, "t.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "devmodel", "serve", "--socket", sock],
+    proc = subprocess.Popen([sys.executable, "-m", "devmodel", "serve", "--device", "testdev", "--socket", sock],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 15
@@ -85,3 +86,31 @@ def test_serve_runs_until_sigterm():
         if os.path.exists(sock):
             os.unlink(sock)
         os.rmdir(tmp)
+
+
+def test_serve_machine_sockets_slots_and_control():
+    """The default machine: one socket per function, fixed slots in the QEMU arguments, a
+    control socket that answers ``devmodel stats``; everything removed on SIGTERM."""
+    import json as _json
+    tmp = tempfile.mkdtemp(prefix="pci-serve-m-")
+    proc = subprocess.Popen([sys.executable, "-m", "devmodel", "serve", "--dir", tmp],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    names = ("viommu.sock", "dma_engine.sock", "control.sock")
+    try:
+        deadline = time.monotonic() + 30
+        while not all(os.path.exists(os.path.join(tmp, n)) for n in names):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, os.listdir(tmp)
+            time.sleep(0.05)
+        for n in names:
+            assert stat.S_IMODE(os.stat(os.path.join(tmp, n)).st_mode) == 0o600
+        stats = subprocess.run([sys.executable, "-m", "devmodel", "stats", "--control", os.path.join(tmp, "control.sock")],
+                               capture_output=True, text=True, timeout=60)
+        assert stats.returncode == 0, stats.stderr
+        assert set(_json.loads(stats.stdout)["machine"]) == {"endpoint", "host", "viommu"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert '"addr":"0x3.0"' in out and '"addr":"0x4.0"' in out
+    assert not any(os.path.exists(os.path.join(tmp, n)) for n in names)
