@@ -37,8 +37,6 @@ import errno
 import logging
 import mmap
 import os
-import queue
-import select
 import socket
 import stat
 import struct
@@ -47,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from devmodel.memory import BusError
+from vfio_user.loop import EventLoop, Worker
 from vfio_user.device import (
     MODEL_LOCK,
     VFIO_REGION_INFO_FLAG_READ,
@@ -335,31 +334,6 @@ class LibvfuMemory:
 # Worker, context, endpoint
 
 
-class _Worker:
-    """The device's worker thread: runs call_soon() work with MODEL_LOCK held."""
-
-    def __init__(self, name: str) -> None:
-        self.queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name=f"vfu-worker-{name}", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            fn = self.queue.get()
-            if fn is None:
-                return
-            try:
-                with MODEL_LOCK:
-                    fn()
-            except Exception:  # a device bug must not kill the worker
-                log.exception("device work %r failed", fn)
-
-    def stop(self) -> None:
-        self.queue.put(None)
-        if threading.current_thread() is not self.thread:
-            self.thread.join(timeout=5)
-
-
 class _Context:
     """The :class:`vfio_user.device.DeviceContext` of one attached client."""
 
@@ -413,7 +387,7 @@ class _Endpoint:
         self.path = path
         self.device = device
         self.ctx: int | None = None
-        self.worker = _Worker(os.path.basename(path))
+        self.worker = Worker(os.path.basename(path))
         self.attached = False
         self.context: _Context | None = None
         self.poll_fd = -1
@@ -452,13 +426,16 @@ class _Endpoint:
 # The server
 
 
-class LibvfioUserServer:
+class LibvfioUserServer(EventLoop):
     """Serve vfio-user devices with libvfio-user; same public API as ``Server``.
 
     Usage: ``s = LibvfioUserServer(); s.add_device(path, dev); s.start_in_thread(); ...;
     s.stop()``. Options of ``Server`` that the library fixes itself (message fds, data
     transfer size, write_multiple) are accepted and ignored.
     """
+
+    loop_name = "libvfio-user-loop"
+    call_when_stopped = True  # library callbacks may arrive before the loop runs
 
     def __init__(self, *, max_msg_fds: int = 16, max_data_xfer_size: int = 1 << 20,
                  max_dma_maps: int = 65535, write_multiple: bool = True,
@@ -470,18 +447,8 @@ class LibvfioUserServer:
         log.debug("libvfio-user negotiates its own max_msg_fds/max_data_xfer_size/"
                   "write_multiple (asked %d/%d/%s)", max_msg_fds, max_data_xfer_size,
                   write_multiple)
-        self._epoll = select.epoll()
-        self._handlers: dict[int, tuple[Callable[[], None], bool]] = {}
+        super().__init__()
         self._endpoints: dict[str, _Endpoint] = {}
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._deferred: list[tuple[_Worker, Callable[[], None]]] = []
-        self._register(self._wake_fd, self._on_wake, locked=False)
-        self._stopping = False
-        self._closed = False
-        self._loop_ident: int | None = None
-        self._thread: threading.Thread | None = None
-        self._running = threading.Event()
         self._log_cb = LOG_CB(self._on_log)
 
     # -- public API ---------------------------------------------------------------------
@@ -505,63 +472,6 @@ class LibvfioUserServer:
         self._endpoints[path] = ep
         self._resync(ep)
         log.info("serving %s on %s (libvfio-user)", type(device).__name__, path)
-
-    def serve_forever(self) -> None:
-        """Run the loop in this thread until :meth:`stop`."""
-        self._loop_ident = threading.get_ident()
-        self._running.set()
-        try:
-            while not self._stopping:
-                try:
-                    events = self._epoll.poll()
-                except InterruptedError:
-                    continue
-                for fd, _ in events:
-                    entry = self._handlers.get(fd)
-                    if entry is None:
-                        continue
-                    cb, locked = entry
-                    try:
-                        if locked:
-                            with MODEL_LOCK:
-                                cb()
-                        else:
-                            cb()
-                    except Exception:
-                        log.exception("event-loop callback for fd %d failed", fd)
-                if self._deferred:
-                    self._flush_deferred()
-        finally:
-            self._shutdown()
-
-    def start_in_thread(self) -> threading.Thread:
-        """Run :meth:`serve_forever` in a daemon thread; returns once the loop runs."""
-        t = threading.Thread(target=self.serve_forever, name="libvfio-user-loop", daemon=True)
-        self._thread = t
-        t.start()
-        self._running.wait(5)
-        return t
-
-    def stop(self) -> None:
-        """Stop the loop, destroy every context (closes fds, removes sockets); thread-safe."""
-        self._stopping = True
-        if not self._running.is_set():
-            self._shutdown()
-            return
-        self._wake()
-        t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout=10)
-
-    def add_reader(self, fd: int, cb: Callable[[], None]) -> None:
-        """Watch ``fd``; ``cb()`` runs in the loop thread with MODEL_LOCK held."""
-        self._register(fd, cb, locked=True)
-
-    def remove_reader(self, fd: int) -> None:
-        self._unregister(fd)
-
-    def in_loop_thread(self) -> bool:
-        return threading.get_ident() == self._loop_ident
 
     # -- context setup ------------------------------------------------------------------
 
@@ -773,63 +683,6 @@ class LibvfioUserServer:
             self._register(fd, lambda: self._on_poll(ep), locked=False)
 
     # -- loop internals -----------------------------------------------------------------
-
-    def _register(self, fd: int, cb: Callable[[], None], locked: bool) -> None:
-        if fd in self._handlers:
-            self._handlers[fd] = (cb, locked)
-            return
-        self._handlers[fd] = (cb, locked)
-        try:
-            self._epoll.register(fd, select.EPOLLIN)
-        except FileExistsError:
-            self._epoll.modify(fd, select.EPOLLIN)
-
-    def _unregister(self, fd: int) -> None:
-        self._handlers.pop(fd, None)
-        try:
-            self._epoll.unregister(fd)
-        except (OSError, ValueError):
-            pass  # already closed by the library: epoll dropped it itself
-
-    def _wake(self) -> None:
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except OSError:
-            pass
-
-    def _on_wake(self) -> None:
-        try:
-            os.eventfd_read(self._wake_fd)
-        except OSError:
-            pass
-        while True:
-            try:
-                fn = self._calls.get_nowait()
-            except queue.Empty:
-                break
-            try:
-                fn()
-            except Exception:
-                log.exception("loop call failed")
-
-    def _call_in_loop(self, fn: Callable[[], None]) -> None:
-        if self.in_loop_thread() or not self._running.is_set():
-            fn()
-        else:
-            self._calls.put(fn)
-            self._wake()
-
-    def _schedule(self, worker: _Worker, fn: Callable[[], None]) -> None:
-        """call_soon: from the loop, wait until the current replies are sent."""
-        if self.in_loop_thread():
-            self._deferred.append((worker, fn))
-        else:
-            worker.queue.put(fn)
-
-    def _flush_deferred(self) -> None:
-        items, self._deferred = self._deferred, []
-        for worker, fn in items:
-            worker.queue.put(fn)
 
     def _shutdown(self) -> None:
         if self._closed:

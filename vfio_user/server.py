@@ -19,8 +19,6 @@ import array
 import errno
 import logging
 import os
-import queue
-import select
 import socket
 import stat
 import struct
@@ -39,6 +37,7 @@ from vfio_user.device import (
     VfioUserDevice,
 )
 from vfio_user.dma import DmaMap
+from vfio_user.loop import EventLoop, Worker
 from vfio_user.irqs import IrqState
 from vfio_user.protocol import (
     CAP_HEADER,
@@ -123,31 +122,6 @@ class MessageDmaError(BusError, DmaError):
 
 # ---------------------------------------------------------------------------------------
 # Device workers and the context handed to devices
-
-
-class _Worker:
-    """The device's worker thread: runs call_soon() work with MODEL_LOCK held."""
-
-    def __init__(self, name: str) -> None:
-        self.queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name=f"vfu-worker-{name}", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            fn = self.queue.get()
-            if fn is None:
-                return
-            try:
-                with MODEL_LOCK:
-                    fn()
-            except Exception:  # a device bug must not kill the worker
-                log.exception("device work %r failed", fn)
-
-    def stop(self) -> None:
-        self.queue.put(None)
-        if threading.current_thread() is not self.thread:
-            self.thread.join(timeout=5)
 
 
 class _DmaWaiter:
@@ -265,7 +239,7 @@ class _Endpoint:
         self.path = path
         self.device = device
         self.sock = sock
-        self.worker = _Worker(os.path.basename(path))
+        self.worker = Worker(os.path.basename(path))
         self.conn: _Connection | None = None
 
 
@@ -836,7 +810,7 @@ class _Connection:
 # The server
 
 
-class Server:
+class Server(EventLoop):
     """One event loop serving vfio-user devices on UNIX sockets.
 
     Usage: ``s = Server(); s.add_device(path, dev); s.start_in_thread(); ...; s.stop()``.
@@ -852,19 +826,9 @@ class Server:
         self.dma_timeout = dma_timeout
         #: Largest message accepted: a full data transfer plus headers.
         self.max_msg_size = HEADER_SIZE + 4096 + max_data_xfer_size
-        self._epoll = select.epoll()
-        self._handlers: dict[int, tuple[Callable[[], None], bool]] = {}
+        super().__init__()
         self._endpoints: dict[str, _Endpoint] = {}
         self._listeners: dict[int, _Endpoint] = {}
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._deferred: list[tuple[_Worker, Callable[[], None]]] = []
-        self._register(self._wake_fd, self._on_wake, locked=False)
-        self._stopping = False
-        self._closed = False
-        self._loop_ident: int | None = None
-        self._thread: threading.Thread | None = None
-        self._running = threading.Event()
 
     # -- public API ---------------------------------------------------------------------
 
@@ -890,119 +854,6 @@ class Server:
         self._listeners[sock.fileno()] = ep
         self._register(sock.fileno(), lambda: self._accept(ep), locked=False)
         log.info("serving %s on %s", type(device).__name__, path)
-
-    def serve_forever(self) -> None:
-        """Run the loop in this thread until :meth:`stop`."""
-        self._loop_ident = threading.get_ident()
-        self._running.set()
-        try:
-            while not self._stopping:
-                try:
-                    events = self._epoll.poll()
-                except InterruptedError:
-                    continue
-                for fd, _ in events:
-                    entry = self._handlers.get(fd)
-                    if entry is None:
-                        continue
-                    cb, locked = entry
-                    try:
-                        if locked:
-                            with MODEL_LOCK:
-                                cb()
-                        else:
-                            cb()
-                    except Exception:
-                        log.exception("event-loop callback for fd %d failed", fd)
-                if self._deferred:
-                    self._flush_deferred()
-        finally:
-            self._shutdown()
-
-    def start_in_thread(self) -> threading.Thread:
-        """Run :meth:`serve_forever` in a daemon thread; returns once the loop runs."""
-        t = threading.Thread(target=self.serve_forever, name="vfio-user-loop", daemon=True)
-        self._thread = t
-        t.start()
-        self._running.wait(5)
-        return t
-
-    def stop(self) -> None:
-        """Stop the loop, close every socket and fd, remove socket files (thread-safe)."""
-        self._stopping = True
-        if not self._running.is_set():
-            self._shutdown()
-            return
-        self._wake()
-        t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout=10)
-
-    def add_reader(self, fd: int, cb: Callable[[], None]) -> None:
-        """Watch ``fd``; ``cb()`` runs in the loop thread with MODEL_LOCK held."""
-        self._register(fd, cb, locked=True)
-
-    def remove_reader(self, fd: int) -> None:
-        self._unregister(fd)
-
-    def in_loop_thread(self) -> bool:
-        return threading.get_ident() == self._loop_ident
-
-    # -- internals ----------------------------------------------------------------------
-
-    def _register(self, fd: int, cb: Callable[[], None], locked: bool) -> None:
-        if fd in self._handlers:
-            self._handlers[fd] = (cb, locked)
-            return
-        self._handlers[fd] = (cb, locked)
-        self._epoll.register(fd, select.EPOLLIN)
-
-    def _unregister(self, fd: int) -> None:
-        if self._handlers.pop(fd, None) is not None:
-            try:
-                self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
-
-    def _wake(self) -> None:
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except OSError:
-            pass
-
-    def _on_wake(self) -> None:
-        try:
-            os.eventfd_read(self._wake_fd)
-        except (BlockingIOError, OSError):
-            pass
-        while True:
-            try:
-                fn = self._calls.get_nowait()
-            except queue.Empty:
-                break
-            try:
-                fn()
-            except Exception:
-                log.exception("loop call failed")
-
-    def _call_in_loop(self, fn: Callable[[], None]) -> None:
-        if self.in_loop_thread():
-            fn()
-        else:
-            self._calls.put(fn)
-            self._wake()
-
-    def _schedule(self, worker: _Worker, fn: Callable[[], None]) -> None:
-        """call_soon: from the loop, wait until this iteration's replies are sent."""
-        if self.in_loop_thread():
-            self._deferred.append((worker, fn))
-        else:
-            worker.queue.put(fn)
-
-    def _flush_deferred(self) -> None:
-        items, self._deferred = self._deferred, []
-        for worker, fn in items:
-            worker.queue.put(fn)
 
     def _accept(self, ep: _Endpoint) -> None:
         try:

@@ -1,0 +1,187 @@
+"""The event loop and device workers shared by both vfio-user backends.
+
+One epoll loop per server watches the listening/connection sockets (or libvfio-user's
+poll fds) and any fd a device model registers. Callbacks run in the loop thread, with
+MODEL_LOCK held when registered ``locked``. Device work scheduled with ``call_soon`` from
+inside the loop is deferred until the loop iteration has sent its replies (a reply must
+never wait behind device work), then handed to the device's :class:`Worker`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import threading
+from collections.abc import Callable
+
+from vfio_user.device import MODEL_LOCK
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """A device's worker thread: runs call_soon() work with MODEL_LOCK held."""
+
+    def __init__(self, name: str) -> None:
+        self.queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=f"vfu-worker-{name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            fn = self.queue.get()
+            if fn is None:
+                return
+            try:
+                with MODEL_LOCK:
+                    fn()
+            except Exception:  # a device bug must not kill the worker
+                log.exception("device work %r failed", fn)
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=5)
+
+
+class EventLoop:
+    """The loop half of a server; subclasses add devices and implement :meth:`_shutdown`."""
+
+    #: Name of the loop thread started by :meth:`start_in_thread`.
+    loop_name = "vfio-user-loop"
+    #: Run loop calls at once while the loop is not running (nothing else could run them).
+    call_when_stopped = False
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._handlers: dict[int, tuple[Callable[[], None], bool]] = {}
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._deferred: list[tuple[Worker, Callable[[], None]]] = []
+        self._register(self._wake_fd, self._on_wake, locked=False)
+        self._stopping = False
+        self._closed = False
+        self._loop_ident: int | None = None
+        self._thread: threading.Thread | None = None
+        self._running = threading.Event()
+
+    # -- public API ---------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        """Run the loop in this thread until :meth:`stop`."""
+        self._loop_ident = threading.get_ident()
+        self._running.set()
+        try:
+            while not self._stopping:
+                try:
+                    events = self._epoll.poll()
+                except InterruptedError:
+                    continue
+                for fd, _ in events:
+                    entry = self._handlers.get(fd)
+                    if entry is None:
+                        continue
+                    cb, locked = entry
+                    try:
+                        if locked:
+                            with MODEL_LOCK:
+                                cb()
+                        else:
+                            cb()
+                    except Exception:
+                        log.exception("event-loop callback for fd %d failed", fd)
+                if self._deferred:
+                    self._flush_deferred()
+        finally:
+            self._shutdown()
+
+    def start_in_thread(self) -> threading.Thread:
+        """Run :meth:`serve_forever` in a daemon thread; returns once the loop runs."""
+        t = threading.Thread(target=self.serve_forever, name=self.loop_name, daemon=True)
+        self._thread = t
+        t.start()
+        self._running.wait(5)
+        return t
+
+    def stop(self) -> None:
+        """Stop the loop and release everything (:meth:`_shutdown`); thread-safe."""
+        self._stopping = True
+        if not self._running.is_set():
+            self._shutdown()
+            return
+        self._wake()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=10)
+
+    def add_reader(self, fd: int, cb: Callable[[], None]) -> None:
+        """Watch ``fd``; ``cb()`` runs in the loop thread with MODEL_LOCK held."""
+        self._register(fd, cb, locked=True)
+
+    def remove_reader(self, fd: int) -> None:
+        self._unregister(fd)
+
+    def in_loop_thread(self) -> bool:
+        return threading.get_ident() == self._loop_ident
+
+    # -- internals ----------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        raise NotImplementedError
+
+    def _register(self, fd: int, cb: Callable[[], None], locked: bool) -> None:
+        known = fd in self._handlers
+        self._handlers[fd] = (cb, locked)
+        if known:
+            return
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except FileExistsError:  # an fd number reused after a close epoll never saw
+            self._epoll.modify(fd, select.EPOLLIN)
+
+    def _unregister(self, fd: int) -> None:
+        self._handlers.pop(fd, None)
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass  # already closed: epoll dropped it itself
+
+    def _wake(self) -> None:
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except OSError:
+            pass
+
+    def _on_wake(self) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except OSError:
+            pass
+        while True:
+            try:
+                fn = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                fn()
+            except Exception:
+                log.exception("loop call failed")
+
+    def _call_in_loop(self, fn: Callable[[], None]) -> None:
+        if self.in_loop_thread() or (self.call_when_stopped and not self._running.is_set()):
+            fn()
+        else:
+            self._calls.put(fn)
+            self._wake()
+
+    def _schedule(self, worker: Worker, fn: Callable[[], None]) -> None:
+        """call_soon: from the loop, wait until this iteration's replies are sent."""
+        if self.in_loop_thread():
+            self._deferred.append((worker, fn))
+        else:
+            worker.queue.put(fn)
+
+    def _flush_deferred(self) -> None:
+        items, self._deferred = self._deferred, []
+        for worker, fn in items:
+            worker.queue.put(fn)
