@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zlib
 
 import pytest
@@ -60,6 +61,7 @@ def served_testdev(server_backend):
     server.start_in_thread()
     yield path, device
     server.stop()
+    shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 class Bar:
