@@ -16,7 +16,7 @@ from devmodel.iommu.bitfield import Fields
 from devmodel.iommu.records import Opcode
 from devmodel.iommu.stage1 import (DESC_AF, DESC_AP_RO, DESC_AP_UNPRIV, DESC_NG, DESC_PXN, DESC_TABLE,
                                    DESC_UXN, DESC_VALID, level_shift, start_level)
-from devmodel.memory import ByteMemory
+from devmodel.memory import ByteMemory, Memory
 
 
 class Allocator:
@@ -59,11 +59,20 @@ def cd_fields(ttb0: int, *, asid: int = 1, t0sz: int = 25, a: int = 1, r: int = 
     return f
 
 
+def _read64(mem: Memory, addr: int) -> int:
+    return int.from_bytes(mem.read(addr, 8), "little")
+
+
+def _write64(mem: Memory, addr: int, value: int) -> None:
+    mem.write(addr, value.to_bytes(8, "little"))
+
+
 @dataclass
 class PageTable:
-    """A stage-1 AArch64 4 KiB page table in memory (tables allocated on demand)."""
+    """A stage-1 AArch64 4 KiB page table in any :class:`Memory` (tables allocated on
+    demand). The guest agent's page tables build on it too."""
 
-    mem: ByteMemory
+    mem: Memory
     alloc: Allocator
     t0sz: int = 25
     root: int = 0
@@ -82,14 +91,14 @@ class PageTable:
         lvl = self.start
         while lvl < level:
             addr = table + ((va >> level_shift(lvl)) & 0x1FF) * 8
-            desc = self.mem.read64(addr)
+            desc = _read64(self.mem, addr)
             if not desc & DESC_VALID:
                 if not create:
                     return None
                 nxt = self.alloc.alloc(4096)
                 self.mem.write(nxt, bytes(4096))
-                self.mem.write64(addr, nxt | DESC_VALID | DESC_TABLE)
-                desc = self.mem.read64(addr)
+                _write64(self.mem, addr, nxt | DESC_VALID | DESC_TABLE)
+                desc = _read64(self.mem, addr)
             table = desc & ((1 << 48) - 1) & ~0xFFF
             lvl += 1
         return table + ((va >> level_shift(level)) & 0x1FF) * 8
@@ -104,19 +113,24 @@ class PageTable:
             raw |= (0 if write else DESC_AP_RO) | (DESC_AP_UNPRIV if unpriv else 0)
             raw |= (DESC_AF if af else 0) | (DESC_UXN if uxn else 0) | (DESC_PXN if pxn else 0)
             raw |= DESC_NG if ng else 0
-        self.mem.write64(addr, raw)
+        _write64(self.mem, addr, raw)
         return addr
+
+    def entry(self, va: int, level: int = 3) -> tuple[int, int] | None:
+        """(descriptor address, descriptor) at ``level`` for ``va``; None without tables there."""
+        addr = self._entry_addr(va, level, False)
+        return None if addr is None else (addr, _read64(self.mem, addr))
 
     def set_table_desc(self, va: int, level: int, bits_to_set: int) -> None:
         """OR attribute bits (APTable, XNTable) into the table descriptor at ``level``."""
         addr = self._entry_addr(va, level, True)
         assert addr is not None
-        self.mem.write64(addr, self.mem.read64(addr) | bits_to_set)
+        _write64(self.mem, addr, _read64(self.mem, addr) | bits_to_set)
 
     def unmap(self, va: int, level: int = 3) -> None:
         addr = self._entry_addr(va, level, False)
         if addr is not None:
-            self.mem.write64(addr, 0)
+            _write64(self.mem, addr, 0)
 
 
 class SmmuSoftware:
