@@ -109,20 +109,13 @@ class Machine:
 
     # --- guest RAM in the IOAS ---------------------------------------------------------
     def _watch_dma(self, model: PciFunction) -> None:
-        """Follow the client's DMA map and attach/detach on ``model`` (VMM memory listener)."""
-        dma_changed, detach = model.dma_changed, model.detach
-
-        def on_dma_changed() -> None:
-            dma_changed()
-            if not self.ram_mapped and model.ctx is not None:
+        """Follow the client's DMA map on ``model`` (the VMM's memory listener)."""
+        def on_client(what: str) -> None:
+            if what == "dma_changed" and not self.ram_mapped and model.ctx is not None:
                 model.ctx.call_soon(self._map_ram)  # IOAS_MAP pins (touches RAM): not in the loop
-
-        def on_detach() -> None:
-            detach()
-            if self.ram_mapped and all(f.ctx is None for f in self._ram_functions):
+            elif what == "detach" and self.ram_mapped and all(f.ctx is None for f in self._ram_functions):
                 self._unmap_ram()
-        model.dma_changed = on_dma_changed  # type: ignore[method-assign]
-        model.detach = on_detach  # type: ignore[method-assign]
+        model.add_client_listener(on_client)
 
     def _map_ram(self) -> None:
         with MODEL_LOCK:

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 from devmodel.memory import BusError, Memory
 from devmodel.pci import regs
@@ -128,6 +128,7 @@ class PciFunction(VfioUserDevice):
         self._next_ext = regs.PCI_EXT_CAP_START
         self._intx_level = False
         self._flr_requested = False
+        self._client_listeners: list[Callable[[str], None]] = []
         self._init_header()
         self.realize()
         self.config.snapshot_defaults()
@@ -353,6 +354,20 @@ class PciFunction(VfioUserDevice):
     def detach(self) -> None:
         log.info("%s: client detached", self.name)
         self.ctx = None
+        self._notify_client("detach")
+
+    def dma_changed(self) -> None:
+        """DMA_MAP/UNMAP changed the client's memory map: tell the client listeners."""
+        self._notify_client("dma_changed")
+
+    def add_client_listener(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback("dma_changed" | "detach")`` as the client's memory map changes or
+        the client goes away (loop thread: no DMA there). The VMM's memory listener."""
+        self._client_listeners.append(callback)
+
+    def _notify_client(self, what: str) -> None:
+        for cb in self._client_listeners:
+            cb(what)
 
     def irqs_changed(self, index: int) -> None:
         """New eventfds or unmasks: re-send what is still pending (level INTx, MSI-X PBA)."""
