@@ -1,29 +1,25 @@
-"""A running workbench: the machine served over vfio-user, its control socket, and a guest.
+"""A running workbench for code: the machine served over vfio-user, its control socket,
+and a booted guest, as Python objects.
 
-``devmodel run``, ``devmodel demo``, the end-to-end tests and the benchmarks all need
-the same sequence, in this order (see the project's vfio-user notes): build the
-:class:`~devmodel.machine.Machine`, serve each function on its own socket, open the
-control socket, then boot the bundled QEMU with guest RAM in a shared memfd and every
-function at its fixed slot. :func:`machine_session` does it and always tears it all down.
+``devmodel run`` is the command-line face of the same sequence; the demo, the end-to-end
+tests and the benchmarks use :func:`machine_session` because they need the objects too
+(the machine's counters, the control socket's path, the guest console). Both go through
+:func:`devmodel.commands.serve.create_served` / :func:`~devmodel.commands.serve.serving`,
+so sockets, slots and the control socket are the ones a user gets.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from devmodel.control import ControlServer
-from devmodel.control.injection import register_injections
+from devmodel.commands.serve import MACHINE, create_served, qemu_device_args, serving
+from devmodel.control import ControlClient, ControlServer
 from devmodel.machine import Machine
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,56 +28,34 @@ class Session:
     server: Any
     control: ControlServer
     directory: str
-    sockets: dict[str, str] = field(default_factory=dict)
     guest: Any = None
 
-    def qemu_device_args(self) -> list[str]:
-        """``-device`` arguments attaching every function at its slot."""
-        args: list[str] = []
-        for f in self.machine.functions:
-            spec = {"driver": "vfio-user-pci", "socket": {"path": self.sockets[f.name], "type": "unix"},
-                    "id": f.name, **getattr(f.model, "qemu_properties", {})}
-            args += ["-device", json.dumps(spec, separators=(",", ":"))]
-        return args
+    def client(self, timeout: float = 60.0) -> ControlClient:
+        """A client of this session's control socket (the interface users have)."""
+        return ControlClient(self.control.path, timeout=timeout)
 
 
 @contextlib.contextmanager
 def machine_session(*, boot: bool = True, memory_mb: int = 1024, directory: str | None = None,
                     backend: str = "python", **guest_overrides: Any) -> Iterator[Session]:
     """Serve the machine (and boot a guest attached to it unless ``boot=False``)."""
-    from vfio_user.backend import create_server
-
     own_dir = directory is None
     directory = directory or tempfile.mkdtemp(prefix="devmodel-")
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    machine = Machine(ram_mb=memory_mb)
-    server = create_server(backend)
-    control = None
-    session = None
     try:
-        sockets = {}
-        for f in machine.functions:
-            sockets[f.name] = os.path.join(directory, f"{f.name}.sock")
-            server.add_device(sockets[f.name], f.model)
-        server.start_in_thread()
-        control = ControlServer(os.path.join(directory, "control.sock"))
-        control.add_stats("machine", machine.counters)
-        register_injections(control, machine)
-        control.start()
-        session = Session(machine, server, control, directory, sockets)
-        if boot:
-            from guest.harness import Guest
-            extra = list(guest_overrides.pop("extra_args", []))
-            session.guest = Guest(memory_mb=memory_mb, extra_args=session.qemu_device_args() + extra,
-                                  **guest_overrides)
-            session.guest.start()  # assigned first: a failed boot is still torn down
-        yield session
+        served = create_served([MACHINE], None, directory, ram_mb=memory_mb)
+        with serving(served, backend) as running:
+            session = Session(running.machine, running.server, running.control, directory)
+            try:
+                if boot:
+                    from guest.harness import Guest
+                    extra = list(guest_overrides.pop("extra_args", []))
+                    session.guest = Guest(memory_mb=memory_mb, extra_args=qemu_device_args(served) + extra,
+                                          **guest_overrides)
+                    session.guest.start()  # assigned first: a failed boot is still torn down
+                yield session
+            finally:
+                if session.guest is not None:
+                    session.guest.close()
     finally:
-        if session is not None and session.guest is not None:
-            session.guest.close()
-        server.stop()
-        if control is not None:
-            control.stop()
-        machine.close()
         if own_dir:
             shutil.rmtree(directory, ignore_errors=True)

@@ -70,10 +70,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
             say("3. overflow: the VMM stops reading its vEVENTQ (depth 64) during 80 faults")
             t0 = TRACER.clock()
-            s.machine.viommu.hold_delivery(True, "fd")
-            s.control.commands["inject.endpoint.dma"].handler(iova=0x900000, pasid=1, write=True,
-                                                              count=80, stride=4096)
-            s.machine.viommu.hold_delivery(False, "fd")
+            with s.client() as ctl:  # exactly what `devmodel inject` sends
+                ctl.call("inject.viommu.hold", on=True, stage="fd")
+                ctl.call("inject.endpoint.dma", iova=0x900000, pasid=1, write=True, count=80, stride=4096)
+                ctl.call("inject.viommu.hold", on=False, stage="fd")
             guest_do(g, "dm events --since 1 --wait 64 --timeout 30 | tail -2")
             guest_do(g, "dm counters | tr ' ' '\\n' | grep -E 'lost|overflow'")
             journey("iommufd.lost", "a lost event's journey ends in the guest's overflow flag", t0)

@@ -40,7 +40,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from devmodel.commands.serve import (DEFAULT_DEVICE, ServedDevice, add_backend_option, control_path,
-                                     create_served, serving)
+                                     create_served, qemu_device_args, serving)
 
 if TYPE_CHECKING:
     from guest.harness import Guest
@@ -80,14 +80,6 @@ def positive_seconds(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError("seconds must be positive")
     return value
-
-
-def qemu_device_args(served: list[ServedDevice]) -> list[str]:
-    """``-device <json>`` pairs for every served device, in plan order."""
-    args: list[str] = []
-    for item in served:
-        args += ["-device", item.qemu_device_json()]
-    return args
 
 
 @contextmanager

@@ -185,8 +185,25 @@ def control_path(served: list[ServedDevice]) -> str:
     return os.path.join(os.path.dirname(served[0].path), "control.sock")
 
 
+def qemu_device_args(served: list[ServedDevice]) -> list[str]:
+    """``-device <json>`` pairs for every served device, in plan order."""
+    args: list[str] = []
+    for item in served:
+        args += ["-device", item.qemu_device_json()]
+    return args
+
+
+@dataclass
+class Serving:
+    """What :func:`serving` runs: the vfio-user server, the control server, the machine."""
+
+    server: Any
+    control: Any
+    machine: Any = None
+
+
 @contextlib.contextmanager
-def serving(served: list[ServedDevice], backend: str = "python") -> Iterator["Server"]:
+def serving(served: list[ServedDevice], backend: str = "python") -> Iterator[Serving]:
     """Serve every device on its socket, plus the control socket; on exit stop both
     (sockets are removed) and close the models, whatever happened inside."""
     # imported here so `devmodel --help` stays light
@@ -211,7 +228,7 @@ def serving(served: list[ServedDevice], backend: str = "python") -> Iterator["Se
             control.add_stats("machine", machine.counters)
             register_injections(control, machine)
         control.start()
-        yield server
+        yield Serving(server, control, machine)
     finally:
         log.info("stopping server")
         server.stop()

@@ -179,12 +179,11 @@ def test_pri_invalid_completes_with_fault_address(bench: Bench) -> None:
 def test_veventq_overflow_guest_sees_overflow_and_exact_lost_count(bench: Bench) -> None:
     """The VMM stops reading its vEVENTQ (depth 64) during a burst of 80 faults: the host
     loses 16 (LOST_EVENTS), and the guest sees its EVTQ overflow flag and exactly 16 lost."""
-    ctl = bench.s.control
-    viommu = bench.s.machine.viommu
-    viommu.hold_delivery(True, "fd")
-    res = ctl.commands["inject.endpoint.dma"].handler(iova=0x900000, pasid=1, write=True, count=80, stride=4096)
-    assert res["faulted"] == 80
-    viommu.hold_delivery(False, "fd")
+    with bench.s.client() as ctl:  # the control socket, as a user would drive it
+        ctl.call("inject.viommu.hold", on=True, stage="fd")
+        res = ctl.call("inject.endpoint.dma", iova=0x900000, pasid=1, write=True, count=80, stride=4096)
+        assert res["faulted"] == 80
+        ctl.call("inject.viommu.hold", on=False, stage="fd")
     evs = [r for r in bench.dm("events --wait 64 --timeout 30") if r["_"] == "event"]
     assert len(evs) == 64
     c = bench.counters()
