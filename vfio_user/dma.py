@@ -163,3 +163,23 @@ class DmaMap:
             cur += n
             i += 1
         return pieces
+
+
+class DmaPort:
+    """The :class:`devmodel.memory.Memory` face of a backend's client memory: subclasses
+    implement ``_access(addr, size, data)`` (data None for a read) and return the bytes read."""
+
+    def _access(self, addr: int, size: int, data: bytes | None) -> bytes:
+        raise NotImplementedError
+
+    def read(self, addr: int, size: int) -> bytes:
+        return self._access(addr, size, None)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self._access(addr, len(data), bytes(data))
+
+    def read64(self, addr: int) -> int:
+        return int.from_bytes(self.read(addr, 8), "little")
+
+    def write64(self, addr: int, value: int) -> None:
+        self.write(addr, value.to_bytes(8, "little"))

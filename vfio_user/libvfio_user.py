@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from devmodel.memory import BusError
+from vfio_user.dma import DmaPort
 from vfio_user.loop import EventLoop, Worker
 from vfio_user.device import (
     MODEL_LOCK,
@@ -255,7 +256,7 @@ class DmaEntry:
         return self.iova + self.size
 
 
-class LibvfuMemory:
+class LibvfuMemory(DmaPort):
     """:class:`devmodel.memory.Memory` over the client's DMA map, through the library.
 
     Checks the whole range before touching anything (a BusError writes nothing), copies
@@ -266,18 +267,6 @@ class LibvfuMemory:
 
     def __init__(self, ep: "_Endpoint") -> None:
         self._ep = ep
-
-    def read(self, addr: int, size: int) -> bytes:
-        return self._access(addr, size, None)
-
-    def write(self, addr: int, data: bytes) -> None:
-        self._access(addr, len(data), bytes(data))
-
-    def read64(self, addr: int) -> int:
-        return int.from_bytes(self.read(addr, 8), "little")
-
-    def write64(self, addr: int, value: int) -> None:
-        self.write(addr, value.to_bytes(8, "little"))
 
     def _access(self, addr: int, size: int, data: bytes | None) -> bytes:
         ep = self._ep

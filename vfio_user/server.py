@@ -36,7 +36,7 @@ from vfio_user.device import (
     RegionInfo,
     VfioUserDevice,
 )
-from vfio_user.dma import DmaMap
+from vfio_user.dma import DmaMap, DmaPort
 from vfio_user.loop import EventLoop, Worker
 from vfio_user.irqs import IrqState
 from vfio_user.protocol import (
@@ -138,7 +138,7 @@ class _DmaWaiter:
         self.data = b""
 
 
-class ClientMemory:
+class ClientMemory(DmaPort):
     """:class:`devmodel.memory.Memory` over the client's DMA map.
 
     Mmapped windows are copied directly; fd-less windows are reached with DMA_READ /
@@ -148,18 +148,6 @@ class ClientMemory:
 
     def __init__(self, conn: "_Connection") -> None:
         self._conn = conn
-
-    def read(self, addr: int, size: int) -> bytes:
-        return self._access(addr, size, None)
-
-    def write(self, addr: int, data: bytes) -> None:
-        self._access(addr, len(data), bytes(data))
-
-    def read64(self, addr: int) -> int:
-        return int.from_bytes(self.read(addr, 8), "little")
-
-    def write64(self, addr: int, value: int) -> None:
-        self.write(addr, value.to_bytes(8, "little"))
 
     def _access(self, addr: int, size: int, data: bytes | None) -> bytes:
         conn = self._conn
