@@ -11,8 +11,7 @@ No client is involved here; the vfio-user path is tested elsewhere.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -23,7 +22,8 @@ from devmodel.iommu import records as rec
 from devmodel.iommu.builder import make_s1_stream, make_world
 from devmodel.iommu.records import Opcode
 from devmodel.pci import regs
-from vfio_user.device import MODEL_LOCK, PciIrq, PciRegion
+from vfio_user.device import PciIrq, PciRegion
+from vfio_user.loopback import LoopbackContext
 
 SID = 0x20
 PASID = 5
@@ -32,55 +32,7 @@ DATA_PA = 0x800000  # data pages are allocated from here
 RING_LOG2 = 4
 
 
-class LocalContext:
-    """A DeviceContext on local memory with real eventfds and a deferred work queue."""
-
-    def __init__(self, memory) -> None:
-        self.dma = memory
-        self._fds: dict[tuple[int, int], int] = {}
-        self._queue: list[Callable[[], None]] = []
-
-    def trigger_irq(self, index: int, subindex: int = 0) -> bool:
-        fd = self._fds.get((index, subindex))
-        if fd is None:
-            return False
-        os.eventfd_write(fd, 1)
-        return True
-
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        self._queue.append(fn)
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        pass
-
-    def remove_reader(self, fd: int) -> None:
-        pass
-
-    def install_eventfd(self, index: int, subindex: int) -> None:
-        self._fds[(index, subindex)] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-    def fired(self, index: int, subindex: int) -> int:
-        try:
-            return os.eventfd_read(self._fds[(index, subindex)])
-        except BlockingIOError:
-            return 0
-
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
-
-    def run_pending(self) -> int:
-        ran = 0
-        while self._queue:
-            fn = self._queue.pop(0)
-            with MODEL_LOCK:
-                fn()
-            ran += 1
-        return ran
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
+LocalContext = LoopbackContext  # the shared in-process DeviceContext
 
 
 class Rig:
