@@ -463,12 +463,7 @@ class DmaEngine:
                     return self._access(pasid, iova, access, priv, n, data)
                 finally:
                     self._origin = None
-        origin.t_ns = TRACER.clock()
-        detail = origin.detail  # copied by the tracer at birth, so it may be reused
-        detail["ssid"] = pasid
-        detail["addr"] = iova
-        detail["access"] = _ACCESS_NAME[access]
-        origin.fault = 0
+        origin.rearm(TRACER.clock(), ssid=pasid, addr=iova, access=_ACCESS_NAME[access])
         try:
             if self.may_master is not None and not self.may_master():
                 raise _Fault(CompletionStatus.DMA_ABORT, iova, access, FaultCounter.BUS_ERROR,

@@ -112,3 +112,18 @@ def test_ids_unique_across_threads():
     for t in threads:
         t.join()
     assert len(set(ids)) == 800
+
+
+def test_rearmed_origin_gives_each_access_its_own_birth():
+    """One scope re-armed per access (what the DMA engine does) births one fault per
+    faulting access, each with that access's time and detail."""
+    tr = Tracer(clock=fake_clock())
+    with tr.origin("endpoint.dma", sid=1) as origin:
+        origin.rearm(tr.clock(), addr=0x1000)
+        a = tr.current()
+        origin.rearm(tr.clock(), addr=0x2000)
+        assert tr.in_fault() == 0
+        b = tr.current()
+    assert a != b
+    assert [tr.events(f)[0].detail for f in (a, b)] == [{"sid": 1, "addr": 0x1000}, {"sid": 1, "addr": 0x2000}]
+    assert tr.events(a)[0].t_ns < tr.events(b)[0].t_ns
