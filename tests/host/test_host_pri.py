@@ -187,3 +187,30 @@ def test_fault_record_layout_roundtrip(nested):
         uapi.IOMMU_PGFAULT_FLAGS_LAST_PAGE, nested.dev_id, 0x1FF, uapi.IOMMU_PGFAULT_PERM_READ,
         0x5000, 0)
     assert cookie >= 1
+
+
+def test_injected_response_drop_and_hold(nested):
+    """Fault injection on the response path (devmodel's ``inject.host.response``, not a
+    kernel feature): a dropped response is accepted by the fd (the write succeeds, the
+    cookie is spent) but never reaches the endpoint; a held one arrives on release."""
+    host, ctx, ep = nested.host, nested.host.ctx, nested.endpoint
+    policy = ctx.response_policy
+    policy.mode, policy.remaining = "drop", 1
+    _send_group(host.smmu, 0x31, pages=PAGES[:1])
+    (rec,) = _faults(ctx, nested.fault_fd)
+    assert ctx.page_response(nested.fault_fd, rec.cookie, uapi.IOMMUFD_PAGE_RESP_SUCCESS) == 8
+    assert ep.prg == [] and policy.dropped == 1
+    with pytest.raises(OSError) as e:  # the cookie was consumed like any answered one
+        ctx.page_response(nested.fault_fd, rec.cookie, uapi.IOMMUFD_PAGE_RESP_SUCCESS)
+    assert e.value.errno == errno.EINVAL
+    policy.mode, policy.remaining = "hold", 1
+    _send_group(host.smmu, 0x32, pages=PAGES[:1])
+    (rec,) = _faults(ctx, nested.fault_fd)
+    ctx.page_response(nested.fault_fd, rec.cookie, uapi.IOMMUFD_PAGE_RESP_INVALID)
+    assert ep.prg == [] and len(policy.held) == 1
+    assert policy.release() == 1
+    assert ep.prg == [(None, 0x32, PrgResponseCode.INVALID_REQUEST)]
+    _send_group(host.smmu, 0x33, pages=PAGES[:1])  # count exhausted: responses pass again
+    (rec,) = _faults(ctx, nested.fault_fd)
+    ctx.page_response(nested.fault_fd, rec.cookie, uapi.IOMMUFD_PAGE_RESP_SUCCESS)
+    assert ep.prg[-1] == (None, 0x33, PrgResponseCode.SUCCESS)
