@@ -37,12 +37,14 @@ class Session:
 
 @contextlib.contextmanager
 def machine_session(*, boot: bool = True, memory_mb: int = 1024, directory: str | None = None,
-                    backend: str = "python", **guest_overrides: Any) -> Iterator[Session]:
-    """Serve the machine (and boot a guest attached to it unless ``boot=False``)."""
+                    backend: str = "python", device: str = MACHINE,
+                    **guest_overrides: Any) -> Iterator[Session]:
+    """Serve the machine (and boot a guest attached to it unless ``boot=False``);
+    ``device``: ``machine`` or ``machine-hotplug`` (devmodel.commands.serve.MACHINES)."""
     own_dir = directory is None
     directory = directory or tempfile.mkdtemp(prefix="devmodel-")
     try:
-        served = create_served([MACHINE], None, directory, ram_mb=memory_mb)
+        served = create_served([device], None, directory, ram_mb=memory_mb)
         with serving(served, backend) as running:
             session = Session(running.machine, running.server, running.control, directory)
             try:
@@ -52,6 +54,8 @@ def machine_session(*, boot: bool = True, memory_mb: int = 1024, directory: str 
                     session.guest = Guest(memory_mb=memory_mb, extra_args=qemu_device_args(served) + extra,
                                           **guest_overrides)
                     session.guest.start()  # assigned first: a failed boot is still torn down
+                    from devmodel.qmp import register_qmp_commands
+                    register_qmp_commands(running.control, session.guest.qmp, served)
                 yield session
             finally:
                 if session.guest is not None:

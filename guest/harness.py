@@ -5,6 +5,11 @@ always shuts QEMU down (context manager, ``close()``, and an ``atexit`` safety n
 QEMU process outlives a failing test. Every timeout is multiplied by
 ``DEVMODEL_TIMEOUT_SCALE`` (default 1) so a slow machine needs one knob, not many.
 
+Every guest also gets a QMP socket (``GuestConfig.qmp_socket``, by default in a private
+directory the harness creates and removes) and, once started, ``guest.qmp``: a connected
+:class:`devmodel.qmp.QemuMonitor` for hot-plug and for shutting QEMU down when the guest
+shell cannot (``close()``: guest ``poweroff -f``, then QMP ``quit``, then kill).
+
 Console protocol (see the guest notes): after the ready marker we switch echo off and
 empty the prompt, then each command is sent as ``cmd; echo @@RC=$?@@`` and its output is
 everything before the marker.
@@ -18,6 +23,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import tempfile
 import time
 import weakref
@@ -26,6 +32,7 @@ from pathlib import Path
 
 import pexpect
 
+from devmodel.qmp import QemuMonitor
 from images.accel import choose_accel
 from images.initramfs import build as build_initramfs
 from images.kernel import find_kernel
@@ -43,6 +50,12 @@ RESERVED_SIZE = 16 << 20
 DEFAULT_APPEND = (f"console=ttyS0 quiet panic=-1 memmap={RESERVED_SIZE >> 20}M${RESERVED_BASE:#x} "
                   "cryptomgr.notests tsc=reliable")
 _LIVE: "weakref.WeakSet[Guest]" = weakref.WeakSet()
+QMP_SOCKET_NAME = "qmp.sock"
+#: Seconds (times the scale) for each shutdown step: the guest's poweroff -f takes well
+#: under a second under TCG, QMP quit less; waiting longer only delays the next step.
+POWEROFF_WAIT = 5.0
+QUIT_WAIT = 5.0
+QMP_CONNECT_TIMEOUT = 10.0
 
 
 def timeout_scale() -> float:
@@ -75,6 +88,7 @@ class GuestConfig:
     append: str = ""
     accel: str | None = None
     boot_timeout: float = 60.0
+    #: QMP UNIX socket path; None: ``qmp.sock`` in a private directory removed at close().
     qmp_socket: str | None = None
     modules: list[str] | None = None
 
@@ -90,6 +104,11 @@ class Guest:
         self._log = io.StringIO()
         self.child: pexpect.spawn | None = None
         self.boot_seconds: float | None = None
+        #: Connected after start(); None before and after close().
+        self.qmp: QemuMonitor | None = None
+        self.qmp_path: str | None = self.config.qmp_socket
+        self._qmp_dir: str | None = None  # the private directory we created (removed at close)
+        self._busy = False  # a console command was sent and its end marker not yet seen
 
     # -- lifecycle -------------------------------------------------------------------
     def argv(self) -> list[str]:
@@ -111,17 +130,24 @@ class Guest:
             args += ["-object", f"{cfg.memory_backend},id=mem,size={cfg.memory_mb}M{share}"]
             machine += ",memory-backend=mem"
         args += ["-machine", machine]
-        if cfg.qmp_socket:
-            args += ["-qmp", f"unix:{cfg.qmp_socket},server=on,wait=off"]
+        if self.qmp_path:
+            args += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         return args + list(cfg.extra_args)
 
     def start(self) -> "Guest":
         """Boot QEMU and wait for the ready marker; set up the console for ``run``."""
-        argv = self.argv()
-        log.info("starting guest: %s", shlex.join(argv))
-        t0 = time.monotonic()
-        self.child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace",
-                                   timeout=None, echo=False, dimensions=(50, 250))
+        if self.qmp_path is None:
+            self._qmp_dir = temp_socket_dir()
+            self.qmp_path = os.path.join(self._qmp_dir, QMP_SOCKET_NAME)
+        try:
+            argv = self.argv()
+            log.info("starting guest: %s", shlex.join(argv))
+            t0 = time.monotonic()
+            self.child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace",
+                                       timeout=None, echo=False, dimensions=(50, 250))
+        except BaseException:
+            self._release_qmp()  # nothing started: do not leave the socket directory behind
+            raise
         self.child.logfile_read = self._log
         _LIVE.add(self)
         self._expect_or_fail(re.escape(READY_MARKER), self.config.boot_timeout, "guest did not boot")
@@ -131,24 +157,62 @@ class Guest:
         self.child.sendline("stty -echo; PS1=''; PS2=''; echo '@@SY''NC@@'")
         self._expect_or_fail("@@SYNC@@\r*\n", 10, "guest shell did not answer")
         log.info("guest ready in %.2f s", self.boot_seconds)
+        # QEMU created the socket before running the guest, so it is there by now.
+        self.qmp = QemuMonitor().connect(self.qmp_path, QMP_CONNECT_TIMEOUT * self.scale)
         return self
 
-    def close(self) -> None:
-        """Power the guest off (poweroff -f), and kill QEMU if it does not exit promptly."""
+    def close(self, poweroff: bool = True) -> None:
+        """Shut QEMU down, always: guest ``poweroff -f`` (skipped when ``poweroff`` is False
+        or the shell is still running a command), then QMP ``quit`` if QEMU still runs, then
+        kill as the last resort. The monitor is closed and the private socket dir removed."""
         child, self.child = self.child, None
-        if child is None:
-            return
+        try:
+            if child is not None:
+                if poweroff and not self._busy:
+                    self._poweroff(child)
+                if child.isalive():
+                    self._quit(child)
+        finally:
+            if child is not None:
+                if child.isalive():
+                    log.info("killing QEMU (pid %d)", child.pid)
+                    child.terminate(force=True)
+                child.close(force=True)
+                _LIVE.discard(self)
+            self._release_qmp()
+
+    def _poweroff(self, child: pexpect.spawn) -> None:
+        """The guest's own shutdown through its shell; QEMU exits with the guest."""
         try:
             if child.isalive():
                 child.sendline("poweroff -f")
-                child.expect(pexpect.EOF, timeout=10 * self.scale)
+                child.expect(pexpect.EOF, timeout=POWEROFF_WAIT * self.scale)
         except (pexpect.TIMEOUT, pexpect.EOF, OSError):
-            pass
-        finally:
-            if child.isalive():
-                child.terminate(force=True)
-            child.close(force=True)
-            _LIVE.discard(self)
+            log.info("guest did not power off; asking QEMU to quit")
+
+    def _quit(self, child: pexpect.spawn) -> None:
+        """QMP ``quit``: QEMU exits whatever the guest is doing."""
+        if self.qmp is None:
+            return
+        try:
+            self.qmp.quit()
+            child.expect(pexpect.EOF, timeout=QUIT_WAIT * self.scale)
+        except (pexpect.TIMEOUT, pexpect.EOF, OSError, TimeoutError, RuntimeError) as exc:
+            log.info("QMP quit did not end QEMU: %s", exc)
+
+    def _release_qmp(self) -> None:
+        monitor, self.qmp = self.qmp, None
+        if monitor is not None:
+            monitor.close()
+        if self._qmp_dir is not None:
+            shutil.rmtree(self._qmp_dir, ignore_errors=True)
+            self._qmp_dir = None
+            self.qmp_path = self.config.qmp_socket
+        elif self.qmp_path and os.path.exists(self.qmp_path):
+            try:  # a socket path the caller chose: QEMU may leave it behind
+                os.unlink(self.qmp_path)
+            except OSError:
+                pass
 
     def __enter__(self) -> "Guest":
         return self.start()
@@ -179,8 +243,10 @@ class Guest:
     def run(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
         """Run a shell command in the guest; return (exit code, output with \\n line ends)."""
         assert self.child is not None, "guest not started"
+        self._busy = True
         self.child.sendline(f"{command}\necho \"@@RC=$?@@\"")
         self._expect_or_fail(RC_RE, timeout, f"command {command!r} did not finish")
+        self._busy = False
         rc = int(self.child.match.group(1))
         return rc, self.child.before.replace("\r", "")
 

@@ -57,7 +57,8 @@ STDLIB_MODULES = (
 #: Project modules the guest shares with the host code (paths from the project root). The
 #: ``devmodel`` modules they import at module level are added automatically.
 SHARED_MODULES = ("devmodel/memory.py", "devmodel/iommu/records.py", "devmodel/iommu/registers.py",
-                  "devmodel/iommu/builder.py", "devmodel/devices/dma_engine_records.py", "devmodel/pci/regs.py",
+                  "devmodel/iommu/builder.py", "devmodel/devices/dma_engine_records.py",
+                  "devmodel/devices/nic_records.py", "devmodel/pci/regs.py",
                   "devmodel/viommu/registers.py")
 #: Where shared project modules live in the guest (on Debian's default sys.path).
 SITE_DIR = "usr/lib/python3/dist-packages"

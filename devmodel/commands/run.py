@@ -20,15 +20,22 @@ Two modes:
 Exit statuses of the tool itself: 2 bad options, 124 a guest command timed out,
 125 the machine could not be started (no QEMU, guest did not boot, QEMU died).
 
-QEMU and the server are always torn down: the guest is powered off (QEMU killed if it
-lingers), the server stops and removes its sockets, and the private socket directory is
-deleted, on success, failure, Ctrl-C and SIGTERM alike.
+QEMU gets a QMP socket (``qmp.sock`` next to the control socket; both paths are printed).
+While the guest runs, the control socket offers ``qemu.plug``, ``qemu.unplug`` and
+``qemu.query`` (:func:`devmodel.qmp.register_qmp_commands`; ``devmodel qemu ...`` is their
+command line), so a served device can be hot-unplugged and plugged again.
+
+QEMU and the server are always torn down: QEMU is told to quit over QMP (killed if it
+lingers: the guest shell may be busy, so no guest poweroff is attempted), the server stops
+and removes its sockets, and the private socket directory is deleted, on success, failure,
+Ctrl-C and SIGTERM alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import shlex
 import shutil
@@ -52,6 +59,7 @@ DEFAULT_MEMORY_MB = 1024
 MIN_MEMORY_MB = 64
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_BOOT_TIMEOUT = 60.0
+QMP_SOCKET_NAME = "qmp.sock"
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 124
 EXIT_MACHINE = 125
@@ -88,40 +96,36 @@ def machine(devices: list[str], *, accel: str | None = None, memory_mb: int = DE
             append: str = "", backend: str = "python") -> Iterator[tuple["Guest", list[ServedDevice]]]:
     """Serve ``devices`` on sockets in a private directory and boot a guest attached to them.
 
-    Yields (booted guest, served devices). On exit the guest is powered off, the server
+    Yields (booted guest, served devices); ``guest.qmp`` is connected to QEMU's QMP socket
+    (``guest.qmp_path``, in the same directory) and the control socket has the ``qemu.*``
+    commands. On exit QEMU is told to quit over QMP (killed if it lingers), the server
     stopped and the socket directory removed. ValueError for an unknown device name;
     :class:`guest.harness.GuestError` / :class:`images.qemu.QemuError` when the machine
     does not come up.
     """
+    from devmodel.qmp import register_qmp_commands
     from guest.harness import Guest, GuestConfig, temp_socket_dir
 
     sock_dir = temp_socket_dir()
     try:
         served = create_served(devices, None, sock_dir, ram_mb=memory_mb)
-        with serving(served, backend):
+        with serving(served, backend) as running:
             config = GuestConfig(memory_mb=memory_mb, memory_backend="memory-backend-memfd",
                                  extra_args=qemu_device_args(served) + list(qemu_args or []),
-                                 accel=accel, boot_timeout=boot_timeout, append=append)
+                                 accel=accel, boot_timeout=boot_timeout, append=append,
+                                 qmp_socket=os.path.join(sock_dir, QMP_SOCKET_NAME))
             guest = Guest(config)
             try:
                 guest.start()
+                assert guest.qmp is not None
+                register_qmp_commands(running.control, guest.qmp, served)
                 yield guest, served
-            except BaseException:
-                # Interrupted, timed out or broken: the guest shell may be busy, so a clean
-                # poweroff would only wait; stop QEMU at once.
-                _kill_qemu(guest)
-                raise
             finally:
-                guest.close()
+                # Whatever ended the run (done, interrupted, timed out), the guest shell may
+                # be busy, so a guest poweroff could only wait: QEMU quits through QMP.
+                guest.close(poweroff=False)
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
-
-
-def _kill_qemu(guest: "Guest") -> None:
-    child = guest.child
-    if child is not None and child.isalive():
-        log.info("stopping QEMU (pid %d) without a guest poweroff", child.pid)
-        child.terminate(force=True)
 
 
 class CommandTimeout(RuntimeError):
@@ -194,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
                      qemu_args=qemu_args, boot_timeout=args.boot_timeout,
                      append=args.append or "", backend=args.backend) as (guest, served):
             print(f"devmodel run: control socket {control_path(served)}", file=sys.stderr, flush=True)
+            print(f"devmodel run: QMP socket {guest.qmp_path}", file=sys.stderr, flush=True)
             if interactive:
                 return interact(guest)
             return run_commands(guest, args.exec, args.timeout, args.keep_going)

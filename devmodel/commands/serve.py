@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 #: The whole machine (vIOMMU + DMA engine behind the SMMU, devmodel.machine): several
 #: functions served together, each at its fixed slot.
 MACHINE = "machine"
+#: The same machine with its endpoint behind a PCIe root port, so QEMU can hot-unplug and
+#: re-plug it (``devmodel qemu unplug|plug dma_engine``); see devmodel.machine.
+MACHINE_HOTPLUG = "machine-hotplug"
+MACHINES = {MACHINE: {}, MACHINE_HOTPLUG: {"hotplug": True}}
 DEFAULT_DEVICE = MACHINE
 QEMU_MEMORY = "1G"  # the guest agent's reserved window sits at 512 MiB
 
@@ -100,12 +104,15 @@ def qemu_device_json(path: str, dev_id: str, model: VfioUserDevice | None = None
 
 
 def qemu_arguments(plan: list[tuple[str, str, str]],
-                   models: list[VfioUserDevice] | None = None) -> list[str]:
-    """The QEMU command-line fragments that attach every planned socket."""
+                   models: list[VfioUserDevice] | None = None, pre: list[str] | None = None) -> list[str]:
+    """The QEMU command-line fragments that attach every planned socket (``pre``: arguments
+    the devices need first, such as a machine's root port)."""
     args = [
         f"-machine q35,memory-backend=mem -m {QEMU_MEMORY}",
         f"-object memory-backend-memfd,id=mem,size={QEMU_MEMORY},share=on",
     ]
+    if pre:
+        args.append(shlex.join(pre))
     for i, (_, path, dev_id) in enumerate(plan):
         model = models[i] if models is not None else None
         args.append("-device " + shlex.quote(qemu_device_json(path, dev_id, model)))
@@ -133,7 +140,7 @@ def create_served(devices: list[str], sockets: list[str] | None = None,
 
     Models created before a failure are closed, so a bad ``--device`` leaks nothing.
     """
-    if MACHINE in devices:
+    if any(name in MACHINES for name in devices):
         return _create_machine(devices, sockets, directory, ram_mb)
     plan = plan_sockets(devices, sockets, directory)
     served: list[ServedDevice] = []
@@ -151,9 +158,10 @@ def _create_machine(devices: list[str], sockets: list[str] | None, directory: st
     """The machine's functions, one socket each (``<function>.sock`` in the directory)."""
     from devmodel.machine import Machine
 
-    if devices != [MACHINE]:
-        raise ValueError(f"{MACHINE!r} is served alone (it already contains its endpoint)")
-    m = Machine(ram_mb=ram_mb)
+    if len(devices) != 1:
+        raise ValueError(f"{devices[0] if devices[0] in MACHINES else MACHINE!r} is served alone "
+                         "(it already contains its endpoint)")
+    m = Machine(ram_mb=ram_mb, **MACHINES[devices[0]])
     if sockets and len(sockets) != len(m.functions):
         m.close()
         raise ValueError(f"the machine has {len(m.functions)} functions "
@@ -186,8 +194,11 @@ def control_path(served: list[ServedDevice]) -> str:
 
 
 def qemu_device_args(served: list[ServedDevice]) -> list[str]:
-    """``-device <json>`` pairs for every served device, in plan order."""
+    """``-device <json>`` pairs for every served device, in plan order, after what each
+    machine needs first (its root port)."""
     args: list[str] = []
+    for machine in {id(i.machine): i.machine for i in served if i.machine is not None}.values():
+        args += machine.qemu_args
     for item in served:
         args += ["-device", item.qemu_device_json()]
     return args
@@ -238,13 +249,13 @@ def serving(served: list[ServedDevice], backend: str = "python") -> Iterator[Ser
 
 
 def print_instructions(plan: list[tuple[str, str, str]], out=sys.stdout,
-                       models: list[VfioUserDevice] | None = None) -> None:
+                       models: list[VfioUserDevice] | None = None, pre: list[str] | None = None) -> None:
     print("Serving:", file=out)
     for name, path, dev_id in plan:
         print(f"  {dev_id}: {name} on {path}", file=out)
     print("\nAttach with these QEMU arguments (start QEMU after this server; it never reconnects):",
           file=out)
-    print("  " + " \\\n  ".join(qemu_arguments(plan, models)), file=out)
+    print("  " + " \\\n  ".join(qemu_arguments(plan, models, pre)), file=out)
     print("\nGuest RAM must be a shared memfd backend (share=on); with share=off QEMU maps it "
           "copy-on-write and device DMA silently never reaches the guest.", file=out)
     print("Press Ctrl-C to stop.", file=out, flush=True)
@@ -264,8 +275,10 @@ def run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with serving(served, args.backend):
+            machines = {id(d.machine): d.machine for d in served if d.machine is not None}
             print_instructions([(d.name, d.path, d.qemu_id) for d in served],
-                               models=[d.model for d in served])
+                               models=[d.model for d in served],
+                               pre=[a for m in machines.values() for a in m.qemu_args])
             print(f"Control socket: {control_path(served)} (devmodel stats|trace|inject --control ...)",
                   flush=True)
             while not stop.wait(1.0):

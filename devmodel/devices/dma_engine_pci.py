@@ -4,7 +4,15 @@
 Identity
 --------
 Vendor 0x1af4, device 0x10f2 (subsystem the same), class 0x088000 (base system
-peripheral / other), revision 1. No INTx: interrupts are MSI-X only.
+peripheral / other), revision 1. No INTx: interrupts are MSI-X, or MSI in the
+hot-pluggable variant (``irq="msi"``).
+
+Why an MSI variant: QEMU 11.1's vfio-user-pci aborts on ``device_del`` of a function that
+has an MSI-X capability (its MSI-X teardown deletes a PBA subregion that finalization
+already removed), so the endpoint the machine hot-plugs (``machine-hotplug``) offers a
+64-bit MSI capability with 2 vectors and no BAR2 instead. When the guest grants fewer
+MSI vectors than the 2 requested (x86 without interrupt remapping grants 1), the error
+interrupt shares vector 0.
 
 Capabilities: PCI Express v2 Endpoint (FLR, End-End TLP prefix), MSI-X (2 vectors),
 and from 0x100 ATS, PASID (20 bits, exec + privileged supported) and PRI (capacity 32,
@@ -45,7 +53,7 @@ and the descriptor's PASID as SubstreamID (untranslated, or ATS + ATC when ATS C
 Enable is set). MSI-X vector 0 signals completions (descriptor flag RCI), vector 1 errors
 (halt, PRG Response Failure, failed completion write).
 
-BAR2: 32-bit memory, 4 KiB: MSI-X table at 0x000, PBA at 0x800.
+BAR2 (MSI-X variant): 32-bit memory, 4 KiB: MSI-X table at 0x000, PBA at 0x800.
 
 Behaviour
 ---------
@@ -76,8 +84,8 @@ from devmodel.devices.dma_engine_records import (CTRL_ENABLE, ENGINE_ID, QCFG_LO
                                                  QCFG_PASID_MASK, QCFG_PASID_SHIFT, STATUS_ENABLED,
                                                  STATUS_HALTED, STATUS_WAIT_PRG, FaultCounter, Reg)
 from devmodel.memory import Memory
-from devmodel.pci import (AtsCapability, Bar, MsixCapability, PasidCapability, PciExpressCapability,
-                          PciFunction, PriCapability, regs)
+from devmodel.pci import (AtsCapability, Bar, MsiCapability, MsixCapability, PasidCapability,
+                          PciExpressCapability, PciFunction, PriCapability, regs)
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +151,16 @@ class DmaEngineFunction(PciFunction):
     subsystem_id = DMAENG_DEVICE_ID
     interrupt_pin = 0
 
-    def __init__(self, smmu, sid: int, dma: Memory) -> None:
+    def __init__(self, smmu, sid: int, dma: Memory, irq: str = "msix") -> None:
         """``smmu``: an SMMUv3 (translate / ats_translate / page_request / register_endpoint);
-        ``sid``: this function's StreamID there; ``dma``: post-translation physical memory."""
+        ``sid``: this function's StreamID there; ``dma``: post-translation physical memory;
+        ``irq``: "msix" (the default) or "msi" (the hot-pluggable variant)."""
+        if irq not in ("msix", "msi"):
+            raise ValueError(f"irq must be 'msix' or 'msi', not {irq!r}")
         self.smmu = smmu
         self.sid = sid
         self.phys = dma
+        self.irq_kind = irq
         self._kick_pending = False
         super().__init__()
 
@@ -157,9 +169,13 @@ class DmaEngineFunction(PciFunction):
         regs_bar = self.add_bar(REGS_BAR, Bar.mem32(REGS_SIZE, name="dmaeng-regs"))
         regs_bar.add_mmio(0, REGS_SIZE, self._reg_read, self._reg_write, name="regs", min_access=4,
                           max_access=8)
-        self.add_bar(MSIX_BAR, Bar.mem32(MSIX_BAR_SIZE, name="dmaeng-msix"))
         self.express = self.add_capability(PciExpressCapability(flr=True, ee_prefix=True))
-        self.add_capability(MsixCapability(MSIX_VECTORS, MSIX_BAR, MSIX_TABLE_OFFSET, MSIX_BAR, MSIX_PBA_OFFSET))
+        if self.irq_kind == "msi":
+            self.add_capability(MsiCapability(MSIX_VECTORS))
+        else:
+            self.add_bar(MSIX_BAR, Bar.mem32(MSIX_BAR_SIZE, name="dmaeng-msix"))
+            self.add_capability(MsixCapability(MSIX_VECTORS, MSIX_BAR, MSIX_TABLE_OFFSET, MSIX_BAR,
+                                               MSIX_PBA_OFFSET))
         self.ats = self.add_ext_capability(AtsCapability())
         self.pasid = self.add_ext_capability(PasidCapability(exec_supported=True, priv_supported=True))
         self.pri = self.add_ext_capability(PriCapability(capacity=PRI_CAPACITY, pasid_required=True))
@@ -184,7 +200,10 @@ class DmaEngineFunction(PciFunction):
         self.ctx.call_soon(fn)
 
     def _interrupt(self, vector: int) -> None:
-        log.info("%s: MSI-X vector %d", self.name, vector)
+        msi = self.msi
+        if msi is not None and msi.enabled and vector >= msi.enabled_vectors:
+            vector = 0  # fewer MSI vectors granted than requested: causes share vector 0
+        log.info("%s: %s vector %d", self.name, "MSI" if msi is not None else "MSI-X", vector)
         self.raise_irq(vector)
 
     def _ats_changed(self, _cap) -> None:

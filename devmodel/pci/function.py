@@ -350,6 +350,7 @@ class PciFunction(VfioUserDevice):
     def attach(self, ctx: DeviceContext) -> None:
         log.info("%s: client attached", self.name)
         self.ctx = ctx
+        self._notify_client("attach")
 
     def detach(self) -> None:
         log.info("%s: client detached", self.name)
@@ -361,8 +362,9 @@ class PciFunction(VfioUserDevice):
         self._notify_client("dma_changed")
 
     def add_client_listener(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback("dma_changed" | "detach")`` as the client's memory map changes or
-        the client goes away (loop thread: no DMA there). The VMM's memory listener."""
+        """Call ``callback("attach" | "dma_changed" | "detach")`` as a client arrives, its
+        memory map changes or it goes away (loop thread: no DMA there). The VMM's memory
+        and hot-plug listener."""
         self._client_listeners.append(callback)
 
     def _notify_client(self, what: str) -> None:

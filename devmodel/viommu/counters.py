@@ -39,6 +39,8 @@ class VIommuCounters:
     pri_resp_unmatched: int = 0
     pri_resp_stale: int = 0
     groups_abandoned: int = 0
+    plugs: int = 0  # endpoints hot-plugged (vDEVICE created, STE re-evaluated)
+    unplugs: int = 0  # endpoints hot-unplugged (detached, vDEVICE destroyed)
     commands: Counter = field(default_factory=Counter)
     cmdq_errors: Counter = field(default_factory=Counter)
     invalidations: int = 0

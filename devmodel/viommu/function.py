@@ -211,8 +211,9 @@ class VIommuFunction(PciFunction):
             self.counters.groups_abandoned += dropped + before - len(self._groups)
             self.iommufd.destroy(old)
 
-    def _install(self, ep: Endpoint, decision: SteDecision) -> None:
-        """Make ``decision`` the endpoint's configuration on the host."""
+    def _install(self, ep: Endpoint, decision: SteDecision, report: bool = True) -> None:
+        """Make ``decision`` the endpoint's configuration on the host; ``report``: record the
+        event a bad STE raises (not on hot-plug, where no transaction looked the STE up)."""
         kind = decision.kind
         self.counters.ste_installs[kind.value] += 1
         if kind is SteKind.S1:
@@ -240,7 +241,7 @@ class VIommuFunction(PciFunction):
         log.info("viommu: vsid %#x: %s%s", ep.vsid, decision.kind.value,
                  f" ({decision.reason})" if decision.reason else "")
         event = decision.event
-        if event is not None and (event != event.C_BAD_STREAMID or self.regs.cr2 & R.CR2_RECINVSID):
+        if report and event is not None and (event != event.C_BAD_STREAMID or self.regs.cr2 & R.CR2_RECINVSID):
             self.counters.events_synthesized[event.name] += 1
             self.evtq.record(encode_event(event, StreamID=ep.vsid, FetchAddr=decision.fetch_addr))
 
@@ -259,6 +260,43 @@ class VIommuFunction(PciFunction):
     def _reconfigure_all(self) -> None:
         for vsid in self.endpoints:
             self._reconfigure(vsid)
+
+    # ------------------------------------------------------------ hot-plug (VMM side)
+    def unplug(self, vsid: int) -> int:
+        """The endpoint at ``vsid`` left the guest (QEMU ``device_del``): detach it from its
+        HWPT, so the kernel answers INVALID for every page request group it still has
+        (iommufd.md section 1.6), destroy its nested HWPT and vDEVICE, and forget the groups
+        the guest saw or has yet to see: their cookies are dead. Returns how many of those
+        groups were abandoned. KeyError if no endpoint is plugged at ``vsid``."""
+        ep = self.endpoints.pop(vsid)
+        abandoned = self.pending.drop_vsid(vsid)
+        before = len(self._groups)
+        self._groups = [g for g in self._groups if g.vsid != vsid]
+        abandoned += before - len(self._groups)
+        if ep.hwpt_id:
+            self.iommufd.detach(ep.dev_id)
+            if ep.owned:
+                self.iommufd.destroy(ep.hwpt_id)
+        self.iommufd.destroy(self.vdevice_ids.pop(vsid))
+        self.faults.vsid_of.pop(ep.dev_id, None)
+        self.counters.groups_abandoned += abandoned
+        self.counters.unplugs += 1
+        log.info("viommu: vsid %#x (dev %d) unplugged: detached, vdevice destroyed, %d groups "
+                 "abandoned", vsid, ep.dev_id, abandoned)
+        return abandoned
+
+    def plug(self, vsid: int, dev_id: int) -> None:
+        """A (re-)bound endpoint ``dev_id`` appeared at ``vsid``: create its vDEVICE and give
+        it the configuration the guest's stream table holds now. Reads the guest STE, so
+        it runs in the worker (never the loop thread). ValueError if ``vsid`` is taken."""
+        if vsid in self.endpoints:
+            raise ValueError(f"vsid {vsid:#x} already has endpoint dev {self.endpoints[vsid].dev_id}")
+        ep = self.endpoints[vsid] = Endpoint(vsid, dev_id)
+        self.vdevice_ids[vsid] = self.iommufd.vdevice_alloc(self.viommu_id, dev_id, vsid)
+        self.faults.vsid_of[dev_id] = vsid
+        self.counters.plugs += 1
+        log.info("viommu: vsid %#x plugged as dev %d (vdevice %d)", vsid, dev_id, self.vdevice_ids[vsid])
+        self._install(ep, self._decide(vsid), report=False)
 
     # ------------------------------------------------------------ work scheduling
     def _kick(self) -> None:

@@ -95,7 +95,7 @@ def test_serve_machine_sockets_slots_and_control():
     tmp = tempfile.mkdtemp(prefix="pci-serve-m-")
     proc = subprocess.Popen([sys.executable, "-m", "devmodel", "serve", "--dir", tmp],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    names = ("viommu.sock", "dma_engine.sock", "control.sock")
+    names = ("viommu.sock", "dma_engine.sock", "nic.sock", "control.sock")
     try:
         deadline = time.monotonic() + 30
         while not all(os.path.exists(os.path.join(tmp, n)) for n in names):
@@ -107,10 +107,10 @@ def test_serve_machine_sockets_slots_and_control():
         stats = subprocess.run([sys.executable, "-m", "devmodel", "stats", "--control", os.path.join(tmp, "control.sock")],
                                capture_output=True, text=True, timeout=60)
         assert stats.returncode == 0, stats.stderr
-        assert set(_json.loads(stats.stdout)["machine"]) == {"endpoint", "host", "viommu"}
+        assert set(_json.loads(stats.stdout)["machine"]) == {"endpoint", "host", "viommu", "nic", "vmm"}
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert '"addr":"0x3.0"' in out and '"addr":"0x4.0"' in out
+    assert '"addr":"0x3.0"' in out and '"addr":"0x4.0"' in out and '"addr":"0x5.0"' in out
     assert not any(os.path.exists(os.path.join(tmp, n)) for n in names)

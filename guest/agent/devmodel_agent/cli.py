@@ -111,7 +111,7 @@ def run_daemon(args, path: str, backends=None) -> int:
     try:
         if backends is None:
             from devmodel_agent.guestio import build_backends
-            backends = build_backends(args.smmu, args.engine)
+            backends = build_backends(args.smmu, args.engine, args.nic)
         agent = Agent(backends, cmdq_log2=args.cmdq_log2, evtq_log2=args.evtq_log2, priq_log2=args.priq_log2,
                       sid_bits=args.sid_bits, ring_log2=args.ring_log2)
         agent.start()

@@ -43,21 +43,54 @@ def _wait_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
 
 
+def _dev_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dev", choices=("engine", "nic"), default="engine",
+                   help="which endpoint's capability (default: the DMA engine)")
+
+
+def _nic_parsers(sub, parser_class: type[argparse.ArgumentParser]) -> None:
+    """``dm nic ...``: rings, frames, the driver-unmapped-buffer scenario, counters."""
+    nic = sub.add_parser("nic", help="the NIC: rings, frames, counters")
+    nsub = nic.add_subparsers(dest="nic_cmd", required=True, parser_class=parser_class)
+    n = nsub.add_parser("up", help="map rings, post RX buffers, enable RX and TX")
+    n.add_argument("--rx-log2", type=int, default=4)
+    n.add_argument("--tx-log2", type=int, default=4)
+    n.add_argument("--buffers", type=int, default=8, help="RX buffers posted (< RX ring entries)")
+    n.add_argument("--buf-size", type=anyint, default=2048)
+    n.add_argument("--pasid", type=anyint, default=0, help="ring PASID (0: untagged, CD 0)")
+    n = nsub.add_parser("send", help="transmit frame(s) and wait for their write-back")
+    n.add_argument("hex", nargs="?", help="the frame bytes in hex")
+    n.add_argument("--len", type=anyint, help="generated frame length (with --seed)")
+    n.add_argument("--seed", type=anyint, default=0)
+    n.add_argument("--count", type=int, default=1, help="frames (seed, seed+1, ... when generated)")
+    n.add_argument("--timeout", type=float, default=5.0)
+    n = nsub.add_parser("recv", help="frames the RX interrupt handler saw")
+    _wait_opts(n)
+    n = nsub.add_parser("unmap-rx", help="unmap the next N posted, unfilled RX buffers (+ TLBI)")
+    n.add_argument("--count", type=int, default=1)
+    nsub.add_parser("remap-rx", help="map unmapped RX buffers back and re-post them")
+    nsub.add_parser("counters", help="the NIC's counter registers")
+    nsub.add_parser("status", help="ring registers, link, error/link interrupts seen")
+    nsub.add_parser("restart", help="clear and set the ring enables (resume a halted ring)")
+    nsub.add_parser("down", help="disable RX/TX and unmap rings and buffers")
+
+
 def up_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cmdq-log2", type=int, default=8)
     p.add_argument("--evtq-log2", type=int, default=8)
     p.add_argument("--priq-log2", type=int, default=8)
     p.add_argument("--ring-log2", type=int, default=6)
-    p.add_argument("--sid-bits", type=int, default=8)
+    p.add_argument("--sid-bits", type=int, default=9, help="stream table size (9: bus 0 and bus 1 vSIDs)")
     p.add_argument("--smmu", metavar="BDF", help="vIOMMU function (default: found by vendor/device/class)")
     p.add_argument("--engine", metavar="BDF", help="DMA engine function (default: found by id)")
+    p.add_argument("--nic", metavar="BDF", help="NIC function (default: found by id)")
     p.add_argument("--log", default="/tmp/dm.log", help="daemon log file")
     p.add_argument("--verbose", action="store_true", help="debug logging in the daemon log")
 
 
 def build(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The whole command tree. Every subcommand prints ``kind key=value ...`` lines."""
-    top = parser_class(prog="dm", description="devmodel guest agent: drive the vIOMMU and the DMA engine. "
+    top = parser_class(prog="dm", description="devmodel guest agent: drive the vIOMMU, the DMA engine and the NIC. "
                        "Output: one record per line, 'kind key=value ...'; addresses and IDs in hex.")
     top.add_argument("--socket", help="agent socket (default $DM_SOCKET or /run/dm.sock)")
     sub = top.add_subparsers(dest="cmd", required=True, parser_class=parser_class)
@@ -161,13 +194,20 @@ def build(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser)
     p.add_argument("policy", choices=("success", "invalid", "off"))
     p = psub.add_parser("enable")
     p.add_argument("--alloc", type=int, default=32)
+    _dev_opt(p)
     p = psub.add_parser("disable")
     p.add_argument("--reset", action="store_true")
-    psub.add_parser("reset", help="disable + Reset (discard outstanding requests)")
-    psub.add_parser("status")
+    _dev_opt(p)
+    _dev_opt(psub.add_parser("reset", help="disable + Reset (discard outstanding requests)"))
+    _dev_opt(psub.add_parser("status"))
     for cap in ("ats", "pasid"):
         c = sub.add_parser(cap, help=f"endpoint {cap.upper()} capability")
         c.add_argument("state", choices=("on", "off", "status"))
+        _dev_opt(c)
+
+    r = sub.add_parser("rescan", help="find removed endpoints again (after a hot-plug or a sysfs rescan)")
+    r.add_argument("--no-bus", action="store_true", help="do not ask the PCI bus to rescan first")
+    _nic_parsers(sub, parser_class)
 
     cmd = sub.add_parser("cmd", help="raw and invalidation commands on the CMDQ (+ CMD_SYNC)")
     csub = cmd.add_subparsers(dest="cmd_cmd", required=True, parser_class=parser_class)

@@ -15,12 +15,16 @@ import os
 from pathlib import Path
 
 from devmodel_agent.agent import Backends
-from devmodel_agent.hw import AgentError, Regs64Split
+from devmodel_agent.hw import AgentError, Endpoint, Regs64Split
 
 PCI_DEVICES = Path("/sys/bus/pci/devices")
 VENDOR = 0x1AF4
 VIOMMU_ID, VIOMMU_CLASS = 0x10F1, 0x080600
 ENGINE_ID, ENGINE_CLASS = 0x10F2, 0x088000
+NIC_ID, NIC_CLASS = 0x10F3, 0x020000
+ENDPOINT_IDS = {"engine": (ENGINE_ID, ENGINE_CLASS), "nic": (NIC_ID, NIC_CLASS)}
+PCI_RESCAN = Path("/sys/bus/pci/rescan")
+_OPENED: list = []  # close functions of every endpoint opened (idempotent)
 RESERVED_BASE = 0x2000_0000
 RESERVED_SIZE = 16 << 20
 
@@ -129,30 +133,85 @@ class UirqLine:
         self.uirq.close()
 
 
-def build_backends(smmu_bdf: str | None = None, engine_bdf: str | None = None) -> Backends:
-    """Find, bind and map the vIOMMU and the DMA engine (the engine is optional)."""
+def _node_id(bdf: str) -> int | None:
+    """Identity of the function's sysfs node (a function re-added at the same BDF is new)."""
+    try:
+        return os.stat(PCI_DEVICES / bdf).st_ino
+    except OSError:
+        return None
+
+
+def open_endpoint(kind: str, bdf: str) -> Endpoint:
+    """Bind ``bdf`` to devmodel_uirq, map BAR0, open its config space.
+
+    ``present`` compares the sysfs node's inode with the one seen here: the kernel revokes
+    BAR mappings of a removed function (SIGBUS on access), and a rescan that brings the
+    function back at the same BDF makes a new node the old mapping does not belong to.
+    """
+    node = _node_id(bdf)
+    if node is None:
+        raise AgentError(errno.ENODEV, f"no PCI function {bdf}")
+    closers = []
+
+    def close() -> None:
+        while closers:  # idempotent: a closed fd number may already belong to someone else
+            try:
+                closers.pop()()
+            except (OSError, ValueError):
+                pass
+    _OPENED.append(close)
+    try:
+        irq = UirqLine(bdf)  # binding enables the function and allocates MSI-X
+        closers.append(irq.close)
+        regs = BarRegs(bdf, 0)
+        closers.append(regs.close)
+        cfg = SysfsConfig(bdf)
+        closers.append(cfg.close)
+    except BaseException:
+        close()
+        raise
+    return Endpoint(kind, bdf, stream_id(bdf), regs, irq, cfg, present=lambda: _node_id(bdf) == node, close=close)
+
+
+def discover(kind: str, bdf: str | None = None) -> Endpoint | None:
+    """Find and open the endpoint of ``kind`` (engine | nic); None when it is not on the bus."""
+    device, cls = ENDPOINT_IDS[kind]
+    bdf = bdf or find_function(device, cls)
+    return open_endpoint(kind, bdf) if bdf is not None else None
+
+
+def rescan_bus() -> None:
+    """Ask the kernel to enumerate every PCI bus again (brings back sysfs-removed functions)."""
+    PCI_RESCAN.write_text("1")
+
+
+def build_backends(smmu_bdf: str | None = None, engine_bdf: str | None = None,
+                   nic_bdf: str | None = None) -> Backends:
+    """Find, bind and map the vIOMMU and the endpoints (the DMA engine and NIC are optional)."""
     smmu_bdf = smmu_bdf or find_function(VIOMMU_ID, VIOMMU_CLASS)
     if smmu_bdf is None:
         raise AgentError(errno.ENODEV, f"no vIOMMU ({VENDOR:04x}:{VIOMMU_ID:04x} class {VIOMMU_CLASS:06x})")
-    engine_bdf = engine_bdf or find_function(ENGINE_ID, ENGINE_CLASS)
     closers = []
-    smmu_irq = UirqLine(smmu_bdf)  # binding enables the function and allocates MSI-X
-    closers.append(smmu_irq.close)
-    smmu_regs = BarRegs(smmu_bdf, 0)
-    closers.append(smmu_regs.close)
-    mem = DevMem()
-    closers.append(mem.close)
-    b = Backends(smmu_regs=smmu_regs, smmu_irq=smmu_irq, mem=mem, reserved_base=RESERVED_BASE,
-                 reserved_size=RESERVED_SIZE, vsid=stream_id(engine_bdf) if engine_bdf else 0,
-                 smmu_cfg=SysfsConfig(smmu_bdf))
-    if engine_bdf is not None:
-        b.engine_irq = UirqLine(engine_bdf)
-        closers.append(b.engine_irq.close)
-        b.engine_regs = BarRegs(engine_bdf, 0)
-        closers.append(b.engine_regs.close)
-        b.engine_cfg = SysfsConfig(engine_bdf)
+    try:
+        smmu_irq = UirqLine(smmu_bdf)  # binding enables the function and allocates MSI-X
+        closers.append(smmu_irq.close)
+        smmu_regs = BarRegs(smmu_bdf, 0)
+        closers.append(smmu_regs.close)
+        mem = DevMem()
+        closers.append(mem.close)
+        b = Backends(smmu_regs=smmu_regs, smmu_irq=smmu_irq, mem=mem, reserved_base=RESERVED_BASE,
+                     reserved_size=RESERVED_SIZE, smmu_cfg=SysfsConfig(smmu_bdf), discover=discover,
+                     rescan_bus=rescan_bus)
+        b.engine = discover("engine", engine_bdf)
+        b.nic = discover("nic", nic_bdf)
+    except BaseException:
+        for fn in reversed(closers):
+            fn()
+        raise
 
     def close() -> None:
+        for ep_close in _OPENED:  # every endpoint ever opened, found again after a rescan too
+            ep_close()
         for fn in reversed(closers):
             try:
                 fn()

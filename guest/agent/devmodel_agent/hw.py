@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import errno
 import threading
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 
 class AgentError(Exception):
@@ -81,6 +82,80 @@ class Regs64Split:
     def write64(self, offset: int, value: int) -> None:
         self.write32(offset, value & 0xFFFF_FFFF)
         self.write32(offset + 4, (value >> 32) & 0xFFFF_FFFF)
+
+
+class DeviceGone(AgentError):
+    """The endpoint was hot-removed: its BAR mapping must not be touched again (SIGBUS)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(errno.ENODEV, f"{what} is gone (hot-removed); 'dm rescan' once it is back")
+
+
+class GuardedRegs(Regs64Split):
+    """Registers of a hot-removable endpoint: every access first checks the device is there.
+
+    Why: a sysfs BAR mapping of a removed function is revoked by the kernel, and touching
+    it raises SIGBUS, which kills the daemon. ``alive`` (the interrupt thread's gone flag
+    and the sysfs node's identity) is checked before each 32-bit access instead.
+    """
+
+    def __init__(self, regs: Regs, alive: Callable[[], bool], what: str) -> None:
+        self.regs = regs
+        self.alive = alive
+        self.what = what
+
+    def read32(self, offset: int) -> int:
+        if not self.alive():
+            raise DeviceGone(self.what)
+        return self.regs.read32(offset)
+
+    def write32(self, offset: int, value: int) -> None:
+        if not self.alive():
+            raise DeviceGone(self.what)
+        self.regs.write32(offset, value)
+
+
+class GuardedConfig:
+    """Config space of a hot-removable endpoint (a removed function's sysfs file errors)."""
+
+    def __init__(self, cfg: PciConfig, alive: Callable[[], bool], what: str) -> None:
+        self.cfg = cfg
+        self.alive = alive
+        self.what = what
+
+    def read(self, offset: int, size: int) -> int:
+        if not self.alive():
+            raise DeviceGone(self.what)
+        try:
+            return self.cfg.read(offset, size)
+        except OSError as e:
+            raise DeviceGone(self.what) from e
+
+    def write(self, offset: int, value: int, size: int) -> None:
+        if not self.alive():
+            raise DeviceGone(self.what)
+        try:
+            self.cfg.write(offset, value, size)
+        except OSError as e:
+            raise DeviceGone(self.what) from e
+
+
+@dataclass
+class Endpoint:
+    """One endpoint function as found on the bus: where it is and how to reach it.
+
+    ``present`` says whether the very function that was bound still exists (guest: the
+    sysfs node with the same inode; a re-added function at the same BDF is a new one).
+    """
+
+    kind: str
+    bdf: str
+    vsid: int
+    regs: Regs
+    irq: IrqLine | None
+    cfg: PciConfig | None
+    present: Callable[[], bool] = lambda: True
+    close: Callable[[], None] = lambda: None
 
 
 def read64(mem: Memory, addr: int) -> int:
