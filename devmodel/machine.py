@@ -165,14 +165,16 @@ class Machine:
             self.endpoint.ctx.call_soon(self._endpoint_back)  # reads the guest STE: worker
 
     def _endpoint_gone(self) -> None:
-        """Unplug as QEMU does it for a passthrough device: the device leaves the bus (its
-        state is lost), the vIOMMU detaches it (INVALID for its outstanding page requests)
-        and destroys its vDEVICE, and the VFIO device is unbound."""
+        """Unplug as QEMU does it for a passthrough device: the vIOMMU detaches it (INVALID
+        for its outstanding page requests) and destroys its vDEVICE, the device leaves the
+        bus (its state is lost) and the VFIO device is unbound."""
         with MODEL_LOCK:
             if self.dev_id is None:
                 return
-            self.endpoint.function_reset()
+            # Detach first: the kernel's INVALID auto-responses still find the departing
+            # device's page request groups; then the device loses its state.
             abandoned = self.viommu.unplug(self.endpoint_vsid)
+            self.endpoint.function_reset()
             self.host.unbind(self.dev_id)
             log.info("machine: endpoint unplugged (dev %d unbound, %d guest-visible groups abandoned)",
                      self.dev_id, abandoned)

@@ -117,14 +117,17 @@ class DevMem:
 
 
 class UirqLine:
-    """Per-vector MSI-X counts of a function bound to devmodel_uirq."""
+    """Per-vector MSI-X (or MSI) counts of a function bound to devmodel_uirq.
+
+    MSI is accepted for the hot-pluggable DMA engine variant; x86 without interrupt
+    remapping grants it one vector, which then carries every cause (handlers reap all)."""
 
     def __init__(self, bdf: str) -> None:
         import devmodel_uirq  # guest helper on sys.path through a .pth file
         self.uirq = devmodel_uirq.bind(bdf)
         self.nvec = self.uirq.nvec
-        if self.uirq.mode != "msix":
-            raise AgentError(errno.ENOTSUP, f"{bdf}: devmodel_uirq gave {self.uirq.mode}, MSI-X needed")
+        if self.uirq.mode not in ("msix", "msi"):
+            raise AgentError(errno.ENOTSUP, f"{bdf}: devmodel_uirq gave {self.uirq.mode}, MSI-X or MSI needed")
 
     def wait(self, timeout: float | None) -> list[int] | None:
         return self.uirq.wait(timeout)
