@@ -281,3 +281,20 @@ def _kill_leftovers() -> None:
 def temp_socket_dir() -> str:
     """A private directory for vfio-user and QMP sockets (short path: sun_path is 108 bytes)."""
     return tempfile.mkdtemp(prefix="devmodel-")
+
+
+def parse_records(out: str) -> list[dict]:
+    """The guest agent's ``kind key=value ...`` lines as dicts: the kind under ``"_"``,
+    values that parse as integers (any base prefix) as ints, the rest as strings."""
+    records = []
+    for parts in map(shlex.split, out.splitlines()):
+        if not parts:
+            continue
+        record: dict = {"_": parts[0]}
+        for key, _, value in (p.partition("=") for p in parts[1:] if "=" in p):
+            try:
+                record[key] = int(value, 0)
+            except ValueError:
+                record[key] = value
+        records.append(record)
+    return records

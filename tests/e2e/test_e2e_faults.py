@@ -9,7 +9,6 @@ every layer once under one id.
 from __future__ import annotations
 
 import re
-import shlex
 
 import pytest
 
@@ -17,6 +16,7 @@ from devmodel.devices.dma_engine_records import FaultCounter
 from devmodel.machine import ENDPOINT_VSID, HOST_SID
 from devmodel.session import machine_session
 from devmodel.trace import TRACER
+from guest.harness import parse_records as parse
 
 pytestmark = pytest.mark.qemu
 
@@ -28,26 +28,6 @@ EVENT_JOURNEY = ["endpoint.dma", "smmu.fault", "smmu.evtq", "host.evtq", "iommuf
 PRI_JOURNEY = ["endpoint.page_request", "smmu.priq", "host.priq", "iommufd.fault", "viommu.read",
                "guest.priq", "guest.consumed", "guest.response", "iommufd.response", "host.response",
                "endpoint.prg_response"]
-
-
-def _value(text: str) -> int | str:
-    try:
-        return int(text, 0)
-    except ValueError:
-        return text
-
-
-def parse(out: str) -> list[dict]:
-    """``kind key=value ...`` lines of the agent into dicts (``kind`` under "_"; numbers as int)."""
-    recs = []
-    for line in out.splitlines():
-        parts = shlex.split(line)
-        if not parts:
-            continue
-        d: dict = {"_": parts[0]}
-        d.update((k, _value(v)) for k, v in (p.split("=", 1) for p in parts[1:] if "=" in p))
-        recs.append(d)
-    return recs
 
 
 class Bench:

@@ -14,32 +14,17 @@ counted, not forwarded. Re-plug: bound anew at the same vSID, and PRI works agai
 
 from __future__ import annotations
 
-import shlex
 
 import pytest
 
 from devmodel.machine import HOTPLUG_VSID
 from devmodel.session import machine_session
 from devmodel.trace import TRACER
+from guest.harness import parse_records as parse
 
 pytestmark = pytest.mark.qemu
 
 VSID = HOTPLUG_VSID
-
-
-def parse(out: str) -> list[dict]:
-    """``kind key=value ...`` agent lines as dicts (kind under "_", numbers as int)."""
-    recs = []
-    for parts in map(shlex.split, out.splitlines()):
-        if parts:
-            d: dict = {"_": parts[0]}
-            for k, _, v in (p.partition("=") for p in parts[1:] if "=" in p):
-                try:
-                    d[k] = int(v, 0)
-                except ValueError:
-                    d[k] = v
-            recs.append(d)
-    return recs
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ records (every hop once; lost events counted exactly).
 
 from __future__ import annotations
 
-import shlex
 
 import pytest
 
@@ -15,23 +14,9 @@ from devmodel.control import ControlClient, ControlError
 from devmodel.machine import ENDPOINT_VSID, HOST_SID
 from devmodel.session import machine_session
 from devmodel.trace import TRACER
+from guest.harness import parse_records as parse
 
 pytestmark = pytest.mark.qemu
-
-
-def parse(out: str) -> list[dict]:
-    recs = []
-    for line in out.splitlines():
-        parts = shlex.split(line)
-        if parts:
-            d: dict = {"_": parts[0]}
-            for k, _, v in (p.partition("=") for p in parts[1:] if "=" in p):
-                try:
-                    d[k] = int(v, 0)
-                except ValueError:
-                    d[k] = v
-            recs.append(d)
-    return recs
 
 
 @pytest.fixture

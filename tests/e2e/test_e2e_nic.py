@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shlex
 import socket
 import time
 
@@ -24,6 +23,7 @@ from devmodel.machine import NIC_HOST_SID, NIC_VSID
 from devmodel.net import NetNamespace, net_admin_unavailable
 from devmodel.session import machine_session
 from devmodel.trace import TRACER
+from guest.harness import parse_records as parse
 
 pytestmark = [pytest.mark.qemu,
               pytest.mark.skipif(net_admin_unavailable() is not None,
@@ -87,21 +87,6 @@ def rig(tmp_path):
             finally:
                 s.wire.sock.close()
                 s.machine.set_nic_backend(None)
-
-
-def parse(out: str) -> list[dict]:
-    """``kind key=value ...`` agent lines as dicts (kind under "_", numbers as int)."""
-    recs = []
-    for parts in map(shlex.split, out.splitlines()):
-        if parts:
-            d: dict = {"_": parts[0]}
-            for k, _, v in (p.partition("=") for p in parts[1:] if "=" in p):
-                try:
-                    d[k] = int(v, 0)
-                except ValueError:
-                    d[k] = v
-            recs.append(d)
-    return recs
 
 
 def recv(rig, n: int, since: int = 0) -> list[dict]:
