@@ -35,6 +35,7 @@ def host_agent():
     agent, world = make_agent()
     yield agent, world
     agent.stop()
+    world.close()
 
 
 @pytest.fixture
@@ -42,6 +43,7 @@ def small_evtq_agent():
     agent, world = make_agent(evtq_log2=2)
     yield agent, world
     agent.stop()
+    world.close()
 
 
 @pytest.fixture
@@ -58,3 +60,4 @@ def served(tmp_path):
     server.server_close()
     if agent.up:
         agent.stop()
+    world.close()
