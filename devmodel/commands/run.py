@@ -46,8 +46,8 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from devmodel.commands.serve import (DEFAULT_DEVICE, ServedDevice, add_backend_option, control_path,
-                                     create_served, qemu_device_args, serving)
+from devmodel.commands.serve import (DEFAULT_DEVICE, ServedDevice, add_backend_option, add_nic_netns_option, control_path,
+                                     create_served, nic_network, qemu_device_args, serving)
 
 if TYPE_CHECKING:
     from guest.harness import Guest
@@ -93,13 +93,15 @@ def positive_seconds(text: str) -> float:
 @contextmanager
 def machine(devices: list[str], *, accel: str | None = None, memory_mb: int = DEFAULT_MEMORY_MB,
             qemu_args: list[str] | None = None, boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
-            append: str = "", backend: str = "python") -> Iterator[tuple["Guest", list[ServedDevice]]]:
+            append: str = "", backend: str = "python",
+            nic_netns: bool = False) -> Iterator[tuple["Guest", list[ServedDevice]]]:
     """Serve ``devices`` on sockets in a private directory and boot a guest attached to them.
 
     Yields (booted guest, served devices); ``guest.qmp`` is connected to QEMU's QMP socket
     (``guest.qmp_path``, in the same directory) and the control socket has the ``qemu.*``
     commands. On exit QEMU is told to quit over QMP (killed if it lingers), the server
-    stopped and the socket directory removed. ValueError for an unknown device name;
+    stopped and the socket directory removed. ``nic_netns``: cable the machine's NIC to a tap
+    in a private network namespace (serve.nic_network) while it runs. ValueError for an unknown device name;
     :class:`guest.harness.GuestError` / :class:`images.qemu.QemuError` when the machine
     does not come up.
     """
@@ -109,7 +111,7 @@ def machine(devices: list[str], *, accel: str | None = None, memory_mb: int = DE
     sock_dir = temp_socket_dir()
     try:
         served = create_served(devices, None, sock_dir, ram_mb=memory_mb)
-        with serving(served, backend) as running:
+        with serving(served, backend) as running, nic_network(served, nic_netns):
             config = GuestConfig(memory_mb=memory_mb, memory_backend="memory-backend-memfd",
                                  extra_args=qemu_device_args(served) + list(qemu_args or []),
                                  accel=accel, boot_timeout=boot_timeout, append=append,
@@ -196,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with machine(args.device or [DEFAULT_DEVICE], accel=args.accel, memory_mb=args.memory,
                      qemu_args=qemu_args, boot_timeout=args.boot_timeout,
-                     append=args.append or "", backend=args.backend) as (guest, served):
+                     append=args.append or "", backend=args.backend,
+                     nic_netns=args.nic_netns) as (guest, served):
             print(f"devmodel run: control socket {control_path(served)}", file=sys.stderr, flush=True)
             print(f"devmodel run: QMP socket {guest.qmp_path}", file=sys.stderr, flush=True)
             if interactive:
@@ -231,6 +234,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", action="append", metavar="NAME",
                         help=f"device model from devmodel.devices (repeatable; default {DEFAULT_DEVICE})")
     add_backend_option(parser)
+    add_nic_netns_option(parser)
     parser.add_argument("--exec", action="append", metavar="CMD",
                         help="run CMD in the guest shell and print its output (repeatable)")
     parser.add_argument("--keep-going", action="store_true",

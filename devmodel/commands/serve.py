@@ -248,6 +248,32 @@ def serving(served: list[ServedDevice], backend: str = "python") -> Iterator[Ser
         close_models(served)
 
 
+@contextlib.contextmanager
+def nic_network(served: list[ServedDevice], enabled: bool, out=sys.stderr) -> Iterator[Any]:
+    """Cable the machine's NIC to a tap in a fresh network namespace (devmodel.net) while
+    the block runs; yields the NetNamespace (None when not enabled or no machine is served).
+    NetAdminUnavailable (an OSError) says why when this machine cannot make one."""
+    machine = next((i.machine for i in served if i.machine is not None), None)
+    if not enabled or machine is None:
+        yield None
+        return
+    from devmodel.net import NetNamespace
+    with NetNamespace() as ns:
+        machine.set_nic_backend(ns.backend)
+        print(f"NIC cabled to {ns.ifname} ({ns.address}) in network namespace {ns.name}; "
+              f"e.g. ip netns exec {ns.name} tcpdump -i {ns.ifname}", file=out, flush=True)
+        try:
+            yield ns
+        finally:
+            machine.set_nic_backend(None)
+
+
+def add_nic_netns_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nic-netns", action="store_true",
+                        help="cable the machine's NIC to a tap in a private network namespace "
+                             "(needs CAP_NET_ADMIN; removed on exit)")
+
+
 def print_instructions(plan: list[tuple[str, str, str]], out=sys.stdout,
                        models: list[VfioUserDevice] | None = None, pre: list[str] | None = None) -> None:
     print("Serving:", file=out)
@@ -274,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with serving(served, args.backend):
+        with serving(served, args.backend), nic_network(served, args.nic_netns):
             machines = {id(d.machine): d.machine for d in served if d.machine is not None}
             print_instructions([(d.name, d.path, d.qemu_id) for d in served],
                                models=[d.model for d in served],
@@ -283,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
                   flush=True)
             while not stop.wait(1.0):
                 pass
-    except BackendUnavailable as exc:
+    except (BackendUnavailable, OSError) as exc:  # OSError: NetAdminUnavailable
         print(f"devmodel serve: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -311,4 +337,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", action="append", metavar="NAME",
                         help=f"device model from devmodel.devices (repeatable; default {DEFAULT_DEVICE})")
     add_backend_option(parser)
+    add_nic_netns_option(parser)
     parser.set_defaults(func=run)
