@@ -35,7 +35,6 @@ born by the engine itself.
 
 from __future__ import annotations
 
-import collections
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,7 +43,7 @@ from devmodel.devices.dma_engine_records import (COMPLETION, DESC_SIZE, DESCRIPT
                                                  DescFlags, DmaOpcode, FaultCounter,
                                                  MSIX_VECTOR_COMPLETION, MSIX_VECTOR_ERROR)
 from devmodel.devices.dma_port import (DMA_HOP, PAGE, PAGE_REQUEST_HOP, PRG_INDEX_COUNT, AtsPort, DmaFault,
-                                       DmaPort, FaultKind, PriPort, SimpleAts, SimplePri)
+                                       DmaPort, FaultKind, PriPort, RunLoop, SimpleAts, SimplePri)
 from devmodel.iommu.faults import Access
 from devmodel.iommu.records import PrgResponseCode
 from devmodel.memory import Memory
@@ -87,7 +86,7 @@ class _Op:
     epoch: int = 0
 
 
-class DmaEngine:
+class DmaEngine(RunLoop):
     """The engine core: unit-testable on a ByteMemory with a real SMMUv3."""
 
     def __init__(self, smmu, sid: int, dma: Memory, *, pri: PriPort | None = None, ats: AtsPort | None = None,
@@ -106,8 +105,6 @@ class DmaEngine:
         self.schedule = schedule or (lambda fn: fn())
         self.may_master = may_master
         self.epoch = 0
-        self._running = False
-        self._rerun = False
         self.port = DmaPort(smmu, sid, dma, pri=pri, ats=ats, may_master=may_master,
                             prg_response=self.on_prg_response, name="dmaeng")
         self.reset()
@@ -130,7 +127,7 @@ class DmaEngine:
         self.tail = 0
         self._op: _Op | None = None
         self.port.reset()
-        self._inbox: collections.deque = collections.deque()
+        self._clear_inbox()
 
     def configure(self, base: int, log2size: int, pasid: int | None = None) -> None:
         """Program the descriptor ring (only while disabled)."""
@@ -194,27 +191,9 @@ class DmaEngine:
         """ATS Invalidation Request: drop cached translations in [addr, addr+length)."""
         return self.port.on_atc_invalidate(ssid, addr, length, global_)
 
-    # ------------------------------------------------------------ run loop
-    def kick(self) -> None:
-        self.schedule(self.run)
-
-    def run(self) -> None:
-        """Process responses and descriptors until nothing can progress."""
-        if self._running:
-            self._rerun = True
-            return
-        self._running = True
-        try:
-            with self.port.scope():  # one endpoint.dma origin, re-armed by each access
-                while True:
-                    self._rerun = False
-                    while self._inbox:
-                        self._handle_response(*self._inbox.popleft())
-                    progressed = self._advance()
-                    if not progressed and not self._rerun and not self._inbox:
-                        break
-        finally:
-            self._running = False
+    # ------------------------------------------------------------ run loop (RunLoop)
+    def _step(self) -> bool:
+        return self._advance()
 
     def _advance(self) -> bool:
         if not self.enabled or self.halted or self.port.waiting_prg:

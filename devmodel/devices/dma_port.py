@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
@@ -419,3 +420,53 @@ class DmaPort:
         self._prgs.clear()
         self._set_outstanding(0)
         return dropped
+
+
+class RunLoop:
+    """The run loop of an endpoint core (DMA engine, NIC).
+
+    Why one: a core is kicked from several places (doorbells, PRG responses, a readable
+    backend) and from inside its own run (a response delivered synchronously while it
+    DMAs), yet must never re-enter itself. :meth:`run` therefore handles queued PRG
+    responses, then :meth:`_step`, until nothing progresses; a kick that arrives while it
+    runs only asks for another round. Subclasses set ``schedule`` and ``port`` and
+    implement ``_handle_response(*message)`` and ``_step``.
+    """
+
+    schedule: Callable[[Callable[[], None]], None]
+    port: DmaPort
+    _running: bool = False
+    _rerun: bool = False
+
+    def _clear_inbox(self) -> None:
+        self._inbox: deque = deque()
+
+    def kick(self) -> None:
+        self.schedule(self.run)
+
+    def run(self) -> None:
+        if self._running:
+            self._rerun = True
+            return
+        self._running = True
+        try:
+            with self.port.scope():  # one endpoint.dma origin, re-armed by each access
+                while True:
+                    self._rerun = False
+                    while self._inbox:
+                        self._handle_response(*self._inbox.popleft())
+                    if not self._step() and not self._rerun and not self._inbox:
+                        break
+        finally:
+            self._running = False
+            self._ran()
+
+    def _handle_response(self, *message: Any) -> None:
+        raise NotImplementedError
+
+    def _step(self) -> bool:
+        """One round of the core's work; whether anything progressed."""
+        raise NotImplementedError
+
+    def _ran(self) -> None:
+        """After a run, even a failed one (the NIC raises its coalesced interrupts here)."""

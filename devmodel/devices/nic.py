@@ -51,7 +51,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from devmodel.devices.dma_port import PAGE, AtsPort, DmaFault, DmaPort, PriPort
+from devmodel.devices.dma_port import PAGE, AtsPort, DmaFault, DmaPort, PriPort, RunLoop
 from devmodel.devices.nic_records import (CFG_LOG2SIZE_MASK, CFG_MAX_LOG2SIZE, CFG_PASID_EN, CFG_PASID_MASK,
                                           CFG_PASID_SHIFT, DEFAULT_MAC, DESC_SIZE, MAX_FRAME, MIN_FRAME,
                                           MSIX_VECTOR_ERROR, MSIX_VECTOR_RX, MSIX_VECTOR_TX, RX_DESC, TX_DESC,
@@ -127,7 +127,7 @@ class _RxWork:
     first_fault: DmaFault | None = None
 
 
-class Nic:
+class Nic(RunLoop):
     """The NIC core; :class:`~devmodel.devices.nic_pci.NicFunction` puts it behind PCI."""
 
     def __init__(self, smmu, sid: int, dma: Memory, *, pri: PriPort | None = None, ats: AtsPort | None = None,
@@ -148,8 +148,6 @@ class Nic:
         self.backend: PacketBackend | None = None
         self.watching = False
         self.epoch = 0
-        self._running = False
-        self._rerun = False
         self._pending_vectors: set[int] = set()
         self.port = DmaPort(smmu, sid, dma, pri=pri, ats=ats, may_master=may_master,
                             prg_response=self.on_prg_response, name="nic")
@@ -167,7 +165,7 @@ class Nic:
         self.irq_status = 0
         self.fifo: collections.deque[bytes] = collections.deque()
         self._held: _RxWork | None = None
-        self._inbox: collections.deque = collections.deque()
+        self._clear_inbox()
         self._pending_vectors.clear()
         self.port.reset()
         self._update_watch()
@@ -301,32 +299,19 @@ class Nic:
         self._inbox.append((prg_index, code))
         self.kick()
 
-    # ------------------------------------------------------------ run loop
-    def kick(self) -> None:
-        self.schedule(self.run)
+    # ------------------------------------------------------------ run loop (RunLoop)
+    def _step(self) -> bool:
+        """Send, then receive: both get a turn every round."""
+        progressed = self._tx_step()
+        return self._rx_step() or progressed
 
-    def run(self) -> None:
-        """Handle PRG responses, then send and receive until nothing can progress."""
-        if self._running:
-            self._rerun = True
-            return
-        self._running = True
-        try:
-            with self.port.scope():  # one endpoint.dma origin, re-armed by each access
-                while True:
-                    self._rerun = False
-                    while self._inbox:
-                        self._handle_response(*self._inbox.popleft())
-                    progressed = self._tx_step()
-                    progressed = self._rx_step() or progressed
-                    if not progressed and not self._rerun and not self._inbox:
-                        break
-        finally:
-            self._running = False
-            vectors, self._pending_vectors = self._pending_vectors, set()
-            for vector in sorted(vectors):
-                self.interrupt(vector)
-            self._update_watch()
+    def _ran(self) -> None:
+        """Raise each cause's vector once for the whole run (coalesced), then watch the
+        backend again if the device can take frames."""
+        vectors, self._pending_vectors = self._pending_vectors, set()
+        for vector in sorted(vectors):
+            self.interrupt(vector)
+        self._update_watch()
 
     def pri_reset(self) -> None:
         """PRI Control.Reset: outstanding groups are discarded; a held frame is retried
