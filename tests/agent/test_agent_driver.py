@@ -1,7 +1,7 @@
 """The agent's driver logic (guest/agent/devmodel_agent) against the emulated SMMUv3 and the
 DMA engine core: bring-up, tables, EVTQ, CMD_SYNC, GERROR recovery, PRI, overflow.
 
-References: /work/shared/reference/smmuv3-pcie.md §1.5 (CR0/CR0ACK), §1.6 (GERROR toggles,
+References: the shared reference smmuv3-pcie.md §1.5 (CR0/CR0ACK), §1.6 (GERROR toggles,
 CMDQ_ERR restart), §1.8 (linear stream table), §2 (queues, OVFLG/OVACKFLG), §3 (event
 fields), §4.2 (CMD_PRI_RESP Resp), §6 (STE/CD), §8.5-8.6 (PRI enable, PRG responses).
 """

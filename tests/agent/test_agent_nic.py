@@ -2,7 +2,7 @@
 
 The NIC is ``devmodel.devices.nic_pci.NicFunction`` at vSID 0x28 behind the emulated
 SMMUv3 (hostsim), on a ``SocketPairBackend`` wire whose peer plays the network.
-Contract: /work/prompts/nic_common.md (RX/TX semantics, PRI behaviour) and
+Contract: the NIC model (devmodel/devices/nic.py docstring: RX/TX semantics, PRI behaviour) and
 ``devmodel.devices.nic_records`` (registers, descriptors, counters); SMMUv3 event fields
 per reference smmuv3-pcie.md §3, PRI per §8.5-8.6.
 """

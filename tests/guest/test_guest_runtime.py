@@ -1,7 +1,7 @@
 """The guest runtime: Python 3 with the shared record modules, and the devmodel_uirq module
 that makes MSI-X / MSI interrupts visible to guest userspace.
 
-References: /work/shared/reference/guest.md ("Guest memory and devices from userspace":
+References: the shared reference guest.md ("Guest memory and devices from userspace":
 BARs through sysfs resourceN, driver_override binding; "Kernel": no MSI for userspace on
 stock kernels). Device registers used to raise interrupts from the guest side:
 * igb (Intel 82576): GPIE (0x1514) bit 4 Multiple_MSIX selects per-vector MSI-X; EIMS

@@ -1,7 +1,7 @@
 """The guest kernel module build (images/kmod.py): Debian header package names, the real
 build against bookworm's headers, vermagic, the user-kernel rules and the tool check.
 
-Reference: /work/shared/reference/guest.md, "Kernel" (out-of-tree modules for bookworm 6.1
+Reference: the shared reference guest.md, "Kernel" (out-of-tree modules for bookworm 6.1
 build with linux-headers-6.1.*-amd64 + linux-kbuild-6.1 and the host gcc-12).
 """
 
