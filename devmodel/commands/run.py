@@ -111,7 +111,9 @@ def machine(devices: list[str], *, accel: str | None = None, memory_mb: int = DE
     sock_dir = temp_socket_dir()
     try:
         served = create_served(devices, None, sock_dir, ram_mb=memory_mb)
-        with serving(served, backend) as running, nic_network(served, nic_netns):
+        # The namespace first: pyroute2 forks to create it, which is only safe before the
+        # server's threads exist (a lock held by one of them would hang the child).
+        with nic_network(served, nic_netns), serving(served, backend) as running:
             config = GuestConfig(memory_mb=memory_mb, memory_backend="memory-backend-memfd",
                                  extra_args=qemu_device_args(served) + list(qemu_args or []),
                                  accel=accel, boot_timeout=boot_timeout, append=append,

@@ -252,7 +252,9 @@ def serving(served: list[ServedDevice], backend: str = "python") -> Iterator[Ser
 def nic_network(served: list[ServedDevice], enabled: bool, out=sys.stderr) -> Iterator[Any]:
     """Cable the machine's NIC to a tap in a fresh network namespace (devmodel.net) while
     the block runs; yields the NetNamespace (None when not enabled or no machine is served).
-    NetAdminUnavailable (an OSError) says why when this machine cannot make one."""
+    NetAdminUnavailable (an OSError) says why when this machine cannot make one. Enter it
+    before :func:`serving`: pyroute2 forks to create the namespace, and a fork while other
+    threads hold locks can hang the child."""
     machine = next((i.machine for i in served if i.machine is not None), None)
     if not enabled or machine is None:
         yield None
@@ -300,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with serving(served, args.backend), nic_network(served, args.nic_netns):
+        with nic_network(served, args.nic_netns), serving(served, args.backend):  # fork before threads
             machines = {id(d.machine): d.machine for d in served if d.machine is not None}
             print_instructions([(d.name, d.path, d.qemu_id) for d in served],
                                models=[d.model for d in served],
