@@ -38,7 +38,6 @@ import logging
 import mmap
 import os
 import socket
-import stat
 import struct
 import threading
 from collections.abc import Callable
@@ -46,7 +45,7 @@ from dataclasses import dataclass
 
 from devmodel.memory import BusError
 from vfio_user.dma import DmaPort
-from vfio_user.loop import EventLoop, Worker
+from vfio_user.loop import EventLoop, Worker, remove_stale_socket
 from vfio_user.device import (
     MODEL_LOCK,
     VFIO_REGION_INFO_FLAG_READ,
@@ -449,7 +448,7 @@ class LibvfioUserServer(EventLoop):
         path = os.fspath(path)
         if path in self._endpoints:
             raise ValueError(f"{path} already served")
-        _remove_stale_socket(path)
+        remove_stale_socket(path)
         ep = _Endpoint(self, path, device)
         try:
             self._create(ep)
@@ -738,22 +737,3 @@ def _set_recv_timeout(fd: int, timeout: float) -> None:
     finally:
         s.close()
 
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a leftover socket file; refuse to touch live sockets or other files."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "not a socket, not removing", path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)
-        log.info("removed stale socket %s", path)
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, "a server is already listening", path)

@@ -9,10 +9,13 @@ never wait behind device work), then handed to the device's :class:`Worker`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
 import select
+import socket
+import stat
 import threading
 from collections.abc import Callable
 
@@ -185,3 +188,24 @@ class EventLoop:
         items, self._deferred = self._deferred, []
         for worker, fn in items:
             worker.queue.put(fn)
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove a leftover socket file before listening on ``path`` (both backends); refuse
+    to touch a live socket or anything that is not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, "not a socket, not removing", path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        log.info("removed stale socket %s", path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "a server is already listening", path)

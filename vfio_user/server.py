@@ -37,7 +37,7 @@ from vfio_user.device import (
     VfioUserDevice,
 )
 from vfio_user.dma import DmaMap, DmaPort
-from vfio_user.loop import EventLoop, Worker
+from vfio_user.loop import EventLoop, Worker, remove_stale_socket
 from vfio_user.irqs import IrqState
 from vfio_user.protocol import (
     CAP_HEADER,
@@ -827,7 +827,7 @@ class Server(EventLoop):
         path = os.fspath(path)
         if path in self._endpoints:
             raise ValueError(f"{path} already served")
-        _remove_stale_socket(path)
+        remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old_umask = os.umask(0o177)
         try:
@@ -917,22 +917,3 @@ def _send_all(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     if sent < len(data):
         sock.sendall(memoryview(data)[sent:])
 
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a leftover socket file; refuse to touch live sockets or other files."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "not a socket, not removing", path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)
-        log.info("removed stale socket %s", path)
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, "a server is already listening", path)
