@@ -1,4 +1,4 @@
-"""The guest-visible vIOMMU PCI function (interfaces.md "vIOMMU PCI function").
+"""The guest-visible vIOMMU PCI function (the machine interface in devmodel/machine.py and README).
 
 BAR0 (128 KiB, 64-bit, trapped) is the SMMUv3 register map; BAR2 holds the MSI-X table
 and PBA (4 vectors: 0 EVENTQ, 1 PRIQ, 2 GERROR, 3 CMD_SYNC). The function fronts a set of

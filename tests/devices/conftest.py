@@ -22,6 +22,7 @@ from devmodel.iommu import records as rec
 from devmodel.iommu.builder import make_s1_stream, make_world
 from devmodel.iommu.records import Opcode
 from devmodel.pci import regs
+from devmodel.trace import HOPS, TRACER
 from vfio_user.device import PciIrq, PciRegion
 from vfio_user.loopback import LoopbackContext
 
@@ -131,3 +132,29 @@ def rig() -> Iterator[Rig]:
     yield r
     r.ctx.close()
     r.dev.close()
+
+
+# --- fault traces (devmodel.trace): shared by the engine and NIC trace tests -------------
+
+@pytest.fixture
+def t0() -> int:
+    """The trace clock before the test acts: faults born after it are this test's."""
+    assert TRACER.enabled
+    return TRACER.clock()
+
+
+def only_fault(t0: int) -> int:
+    faults = TRACER.faults(since=t0)
+    assert len(faults) == 1, [TRACER.events(f) for f in faults]
+    return faults[0]
+
+
+def hops(fid: int) -> list[str]:
+    evs = TRACER.events(fid)
+    assert all(e.hop in HOPS for e in evs)
+    return [e.hop for e in evs]
+
+
+def detail(fid: int, hop: str) -> dict:
+    (ev,) = [e for e in TRACER.events(fid) if e.hop == hop]
+    return ev.detail

@@ -2,7 +2,7 @@
 
 One descriptor is run into one fault through the PCI function and the real SMMUv3; the
 hops recorded for that single fault id (devmodel.trace, hop names of ``HOPS``, keys of
-interfaces.md "Fault traces") must be exactly the ordered journey, and the queue slot the
+devmodel.trace (correlation keys)) must be exactly the ordered journey, and the queue slot the
 SMMU linked must hold the record of that fault (reference smmuv3-pcie.md §3 event
 records, §4.1 PRI records, §8.6 PRG responses).
 """
@@ -14,32 +14,10 @@ import pytest
 from devmodel.devices.dma_engine_records import CompletionStatus, DmaOpcode
 from devmodel.iommu import records as rec
 from devmodel.iommu.records import EventId
-from devmodel.trace import HOPS, TRACER
+from devmodel.trace import TRACER
 
-from .conftest import DST, PASID, SID, SRC
+from .conftest import DST, PASID, SID, SRC, detail, hops, only_fault  # t0: a conftest fixture
 
-
-@pytest.fixture
-def t0() -> int:
-    assert TRACER.enabled
-    return TRACER.clock()
-
-
-def only_fault(t0: int) -> int:
-    faults = TRACER.faults(since=t0)
-    assert len(faults) == 1, [TRACER.events(f) for f in faults]
-    return faults[0]
-
-
-def hops(fid: int) -> list[str]:
-    evs = TRACER.events(fid)
-    assert all(e.hop in HOPS for e in evs)
-    return [e.hop for e in evs]
-
-
-def detail(fid: int, hop: str) -> dict:
-    (ev,) = [e for e in TRACER.events(fid) if e.hop == hop]
-    return ev.detail
 
 
 def test_translation_fault_trace_descriptor_to_evtq_record(rig, t0):

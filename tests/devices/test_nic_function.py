@@ -32,7 +32,7 @@ from devmodel.pci import regs
 from vfio_user.device import PciIrq, PciRegion
 from vfio_user.loopback import LoopbackContext
 
-SID = 0x108  # the NIC's host StreamID in the machine (nic_common.md)
+SID = 0x108  # the NIC's host StreamID in the machine (the NIC model docstring (devmodel/devices/nic.py))
 PASID = 5
 RX_RING, TX_RING = 0x100000, 0x110000
 RX_BUF, TX_BUF = 0x300000, 0x400000  # one page per buffer: RX_BUF + i * PAGE
@@ -209,7 +209,7 @@ def any_nic(request) -> Iterator[NicRig]:
 
 # ------------------------------------------------------------------ identity and registers
 def test_identity_and_capabilities(nic):
-    """§8.1 / nic_common.md: 1af4:10f3 class 0x020000, PCIe v2 endpoint (FLR, EE prefix), MSI-X with 3
+    """§8.1 / the NIC model docstring (devmodel/devices/nic.py): 1af4:10f3 class 0x020000, PCIe v2 endpoint (FLR, EE prefix), MSI-X with 3
     vectors in BAR2 (table 0x000, PBA 0x800), ATS at 0x100, PASID width 20, PRI capacity 32 Stopped=1."""
     assert nic.cfg(regs.PCI_VENDOR_ID, 2) == 0x1AF4 and nic.cfg(regs.PCI_DEVICE_ID, 2) == 0x10F3
     assert nic.cfg(regs.PCI_CLASS_PROG, 3) == 0x020000

@@ -2,7 +2,7 @@
 event loop (DeviceContext.add_reader, callback under MODEL_LOCK, no DMA there) and the frames are
 placed by the device worker; RX raises MSI-X vector 0 through the client's eventfd. With PRI, the
 worker stops watching the fd while a frame waits for its PRG (backpressure) and watches it again
-after the response (nic_common.md RX semantics; reference smmuv3-pcie.md §8.6).
+after the response (the NIC model docstring (devmodel/devices/nic.py) RX semantics; reference smmuv3-pcie.md §8.6).
 """
 
 from __future__ import annotations

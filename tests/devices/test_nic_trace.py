@@ -1,4 +1,4 @@
-"""Fault traces of the NIC (devmodel.trace, hop names of ``HOPS``, keys of interfaces.md "Fault traces"):
+"""Fault traces of the NIC (devmodel.trace, hop names of ``HOPS``, the correlation keys of devmodel.trace):
 an RX buffer fault is one fault id whose journey is exactly endpoint.dma -> smmu.fault -> smmu.evtq ->
 endpoint.complete, and the EVTQ slot the SMMU linked holds that F_TRANSLATION record (reference
 smmuv3-pcie.md §3); a PRI-resolved RX fault is endpoint.page_request -> smmu.priq ->
@@ -12,32 +12,11 @@ import pytest
 from devmodel.devices.nic_records import DescStatus
 from devmodel.iommu import records as rec
 from devmodel.iommu.records import EventId
-from devmodel.trace import HOPS, TRACER
+from devmodel.trace import TRACER
 
+from .conftest import detail, hops, only_fault  # t0: a conftest fixture
 from .test_nic_function import PASID, RX_BUF, SID, frame, nic  # noqa: F401 - nic is a fixture
 
-
-@pytest.fixture
-def t0() -> int:
-    assert TRACER.enabled
-    return TRACER.clock()
-
-
-def only_fault(t0: int) -> int:
-    faults = TRACER.faults(since=t0)
-    assert len(faults) == 1, [TRACER.events(f) for f in faults]
-    return faults[0]
-
-
-def hops(fid: int) -> list[str]:
-    evs = TRACER.events(fid)
-    assert all(e.hop in HOPS for e in evs)
-    return [e.hop for e in evs]
-
-
-def detail(fid: int, hop: str) -> dict:
-    (ev,) = [e for e in TRACER.events(fid) if e.hop == hop]
-    return ev.detail
 
 
 def test_rx_fault_trace_is_one_journey(nic, t0):

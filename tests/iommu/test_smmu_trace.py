@@ -1,5 +1,5 @@
 """SMMU trace hops: ``smmu.fault``, ``smmu.evtq`` and ``smmu.priq`` with the correlation links other
-layers take (interfaces.md "Fault traces": keys ("smmu.evtq", slot PA) and ("smmu.priq", slot PA)).
+layers take (devmodel.trace (correlation keys): keys ("smmu.evtq", slot PA) and ("smmu.priq", slot PA)).
 
 The queue rules the hops report are reference smmuv3-pcie.md §2 (overflow, OVFLG toggled once,
 PRI auto-responses), §3.3 (which faults record / abort / RAZ-WI) and §1.5 (GBPA.ABORT).

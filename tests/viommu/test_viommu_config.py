@@ -1,6 +1,6 @@
 """Bring-up, STE handling and the command queue of the vIOMMU, through BAR0 only.
 
-References: interfaces.md (vIOMMU PCI function: ID registers, vectors), smmuv3-pcie.md
+References: the machine interface (README, devmodel/machine.py) (vIOMMU PCI function: ID registers, vectors), smmuv3-pcie.md
 section 1.5 (CR0/CR0ACK), 1.9 (CMDQ_CONS.ERR, CERROR_ILL), 1.6 (GERROR toggles), 5.3
 (CMD_SYNC CS=SIG_IRQ), 5.4 (error handling and restart), 6.3 (ILLEGAL STE -> C_BAD_STE);
 iommufd.md section 1.5.5 (nested attach needs a vDEVICE), 4.1/4.3 (entry_num, EIO).
@@ -18,7 +18,7 @@ from .conftest import CMDQ, VSID, build
 
 
 def test_id_registers_and_cr0_ack():
-    """interfaces.md: S1P=1, S2P=0, ATS, PRI, SIDSIZE=16, SSIDSIZE=20, queue maxima 8;
+    """the machine interface (README, devmodel/machine.py): S1P=1, S2P=0, ATS, PRI, SIDSIZE=16, SSIDSIZE=20, queue maxima 8;
     CR0ACK mirrors CR0 (section 1.5)."""
     host, fn, ctx, g, _ = build(bring_up=False)
     idr0, idr1 = g.rd(R.IDR0), g.rd(R.IDR1)
@@ -29,7 +29,7 @@ def test_id_registers_and_cr0_ack():
     assert g.rd(R.IDR5) == VIOMMU_PROFILE.idr5()
     g.bring_up()
     assert g.rd(R.CR0ACK) & R.Cr0.SMMUEN
-    # 64-bit register as two halves (interfaces.md)
+    # 64-bit register as two halves (the machine interface (README, devmodel/machine.py))
     g.wr(R.CR0, 0)
     g.wr(R.CMDQ_BASE, 0x1234_5000, 4)
     g.wr(R.CMDQ_BASE + 4, 0x1, 4)

@@ -5,7 +5,7 @@ References: iommufd.md section 3.3/3.4 (vEVENTQ sequence, LOST_EVENTS, gaps), 3.
 swapped by the host), 2.3-2.5 and 2.8 (FAULT groups, responses, auto INVALID on replace);
 smmuv3-pcie.md section 2 (EVTQ full: drop, OVFLG once; PRIQ), 3.1 (event fields), 4.1-4.2
 (PRI record, CMD_PRI_RESP Resp by value), 8.6 (PCIe response codes); DESIGN.md "A fault's
-journey"; interfaces.md (trace keys, MSI-X vectors).
+journey"; the machine interface (README, devmodel/machine.py) (trace keys, MSI-X vectors).
 """
 
 from __future__ import annotations
