@@ -8,6 +8,7 @@ The agent package lives in guest/agent (shipped to the guest), so it is put on s
 
 from __future__ import annotations
 
+import shlex
 import sys
 import threading
 from pathlib import Path
@@ -20,6 +21,7 @@ if str(AGENT_DIR) not in sys.path:
 
 from devmodel_agent import hostsim  # noqa: E402
 from devmodel_agent.agent import Agent  # noqa: E402
+from devmodel_agent.cliparse import RaisingParser, build  # noqa: E402
 from devmodel_agent.server import AgentServer  # noqa: E402
 
 
@@ -61,3 +63,21 @@ def served(tmp_path):
     if agent.up:
         agent.stop()
     world.close()
+
+
+# --- driving the agent as `dm` would (its argument parser, its `kind key=value` lines) ----
+PARSER = build(RaisingParser)
+
+
+def run(agent, *argv: str) -> tuple[int, list[str]]:
+    return agent.handle(PARSER.parse_args(list(argv)))
+
+
+def kv(line: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in shlex.split(line)[1:])
+
+
+def ok(agent, *argv: str) -> list[dict[str, str]]:
+    rc, out = run(agent, *argv)
+    assert rc == 0, out
+    return [kv(line) for line in out]

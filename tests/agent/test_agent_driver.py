@@ -16,18 +16,11 @@ from devmodel.iommu import registers as R
 from devmodel.iommu.faults import Access
 from devmodel.iommu.records import EventId
 
-from devmodel_agent.cliparse import RaisingParser, build
+from .conftest import kv, run
 
 VSID = 0x20
-PARSER = build(RaisingParser)
 
 
-def run(agent, *argv: str) -> tuple[int, list[str]]:
-    return agent.handle(PARSER.parse_args(list(argv)))
-
-
-def kv(line: str) -> dict[str, str]:
-    return dict(part.split("=", 1) for part in line.split()[1:])
 
 
 def test_bring_up_programs_queues_tables_and_enables(host_agent):

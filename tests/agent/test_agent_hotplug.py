@@ -21,24 +21,12 @@ from devmodel.iommu import records as rec
 
 from devmodel_agent import hostsim
 from devmodel_agent.agent import Agent
-from devmodel_agent.cliparse import RaisingParser, build
+from .conftest import kv, ok, run
 
-PARSER = build(RaisingParser)
 FAST = 1.0  # a command on a removed device must fail well within this, not time out
 
 
-def run(agent, *argv: str) -> tuple[int, list[str]]:
-    return agent.handle(PARSER.parse_args(list(argv)))
 
-
-def kv(line: str) -> dict[str, str]:
-    return dict(part.split("=", 1) for part in shlex.split(line)[1:])
-
-
-def ok(agent, *argv: str) -> list[dict[str, str]]:
-    rc, out = run(agent, *argv)
-    assert rc == 0, out
-    return [kv(line) for line in out]
 
 
 def devices(agent) -> dict[str, dict[str, str]]:

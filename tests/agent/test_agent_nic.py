@@ -20,25 +20,13 @@ from devmodel.devices.nic_records import DEFAULT_MAC
 
 from devmodel_agent import hostsim
 from devmodel_agent.agent import Agent
-from devmodel_agent.cliparse import RaisingParser, build
+from .conftest import kv, ok, run
 from devmodel_agent.nic import generated_frame
 
 NIC_VSID = 0x28
-PARSER = build(RaisingParser)
 
 
-def run(agent, *argv: str) -> tuple[int, list[str]]:
-    return agent.handle(PARSER.parse_args(list(argv)))
 
-
-def kv(line: str) -> dict[str, str]:
-    return dict(part.split("=", 1) for part in shlex.split(line)[1:])
-
-
-def ok(agent, *argv: str) -> list[dict[str, str]]:
-    rc, out = run(agent, *argv)
-    assert rc == 0, out
-    return [kv(line) for line in out]
 
 
 def frames_on_wire(world, n: int, timeout: float = 2.0) -> list[bytes]:
