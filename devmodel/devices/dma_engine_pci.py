@@ -12,7 +12,7 @@ has an MSI-X capability (its MSI-X teardown deletes a PBA subregion that finaliz
 already removed), so the endpoint the machine hot-plugs (``machine-hotplug``) offers a
 64-bit MSI capability with 2 vectors and no BAR2 instead. When the guest grants fewer
 MSI vectors than the 2 requested (x86 without interrupt remapping grants 1), the error
-interrupt shares vector 0.
+interrupt shares vector 0 (the MSI capability folds vectors beyond the enabled count).
 
 Capabilities: PCI Express v2 Endpoint (FLR, End-End TLP prefix), MSI-X (2 vectors),
 and from 0x100 ATS, PASID (20 bits, exec + privileged supported) and PRI (capacity 32,
@@ -200,10 +200,7 @@ class DmaEngineFunction(PciFunction):
         self.ctx.call_soon(fn)
 
     def _interrupt(self, vector: int) -> None:
-        msi = self.msi
-        if msi is not None and msi.enabled and vector >= msi.enabled_vectors:
-            vector = 0  # fewer MSI vectors granted than requested: causes share vector 0
-        log.info("%s: %s vector %d", self.name, "MSI" if msi is not None else "MSI-X", vector)
+        log.info("%s: %s vector %d", self.name, "MSI" if self.msi is not None else "MSI-X", vector)
         self.raise_irq(vector)
 
     def _ats_changed(self, _cap) -> None:

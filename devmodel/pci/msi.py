@@ -78,11 +78,20 @@ class MsiCapability(Capability):
         self.config.set_bits(self.offset + regs.PCI_MSI_PENDING_64, 4, 1 << vector, on)
 
     def notify(self, vector: int) -> bool:
-        """Send MSI ``vector`` or mark it pending (PCI 3.0 §6.8.3.4)."""
+        """Send MSI ``vector`` or mark it pending (PCI 3.0 §6.8.3.4).
+
+        When software enabled fewer vectors than the function asked for (Multiple Message
+        Enable < Capable; x86 without interrupt remapping grants one), the function may
+        only use the low ``enabled_vectors`` data values (§6.8.1.3): a vector beyond them
+        folds onto ``vector % enabled_vectors`` rather than being lost, so every cause
+        still interrupts (the driver then reads the device's status to tell them apart).
+        """
         assert self.function is not None
-        if not self.enabled or not 0 <= vector < self.enabled_vectors:
-            log.debug("%s: MSI vector %d dropped (disabled or beyond enabled count)", self.function.name, vector)
+        if not self.enabled or not 0 <= vector < self.vectors:
+            log.debug("%s: MSI vector %d dropped (disabled or not a vector of the function)",
+                      self.function.name, vector)
             return False
+        vector %= self.enabled_vectors
         if not self.masked(vector) and self.function.bus_master and self.function.trigger(PciIrq.MSI, vector):
             self._set_pending(vector, False)
             return True

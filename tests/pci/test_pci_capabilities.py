@@ -346,6 +346,21 @@ def test_msi_mask_and_pending(dev, ctx):
     assert dev.irq_info(PciIrq.MSI).count == 4
 
 
+def test_msi_vectors_beyond_the_enabled_count_fold_onto_enabled_ones(dev, ctx):
+    """PCI 3.0 §6.8.1.3: with Multiple Message Enable below Capable the function may only
+    use the enabled data values; a cause on a higher vector folds (vector mod enabled)
+    instead of being lost. A vector the function does not have is refused."""
+    o = dev.msi_cap.offset
+    wr(dev, regs.PCI_COMMAND, 2, regs.Command.MASTER)
+    ctx.install_eventfd(PciIrq.MSI, 0)
+    wr(dev, o + regs.PCI_MSI_FLAGS, 2, regs.PCI_MSI_FLAGS_ENABLE)  # one vector enabled of 4
+    assert dev.msi_cap.enabled_vectors == 1
+    assert dev.raise_irq(3) is True and dev.raise_irq(1) is True
+    assert ctx.fired(PciIrq.MSI, 0) == 2
+    assert dev.msi_cap.notify(4) is False  # capable of 4: vector 4 does not exist
+    assert dev.msi_cap.message(0)[1] == rd(dev, o + regs.PCI_MSI_DATA_64, 2)
+
+
 def test_capability_placement_errors():
     class Overlap(PciFunction):
         def realize(self) -> None:
