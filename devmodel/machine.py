@@ -144,8 +144,6 @@ class Machine:
                                          f"addr={HOTPLUG_PORT_SLOT:#x}.0"]
             self.endpoint.qemu_properties = {"bus": HOTPLUG_PORT, "addr": "0x0.0"}
         self.endpoint.add_client_listener(self._endpoint_presence)
-        self.plugs = 0
-        self.unplugs = 0
         log.info("machine: vIOMMU at 00:%02x.0, DMA engine at %s (vSID %#x, host SID %#x, dev %d)",
                  VIOMMU_SLOT, "01:00.0 behind a root port" if hotplug else f"00:{ENDPOINT_SLOT:02x}.0",
                  self.endpoint_vsid, HOST_SID, self.dev_id)
@@ -179,7 +177,6 @@ class Machine:
             log.info("machine: endpoint unplugged (dev %d unbound, %d guest-visible groups abandoned)",
                      self.dev_id, abandoned)
             self.dev_id = None
-            self.unplugs += 1
 
     def _endpoint_back(self) -> None:
         with MODEL_LOCK:
@@ -187,7 +184,6 @@ class Machine:
                 return
             self.dev_id = self.host.bind(HOST_SID, "dma-engine", ats=True)
             self.viommu.plug(self.endpoint_vsid, self.dev_id)
-            self.plugs += 1
             log.info("machine: endpoint plugged again as dev %d at vSID %#x", self.dev_id,
                      self.endpoint_vsid)
 
@@ -226,7 +222,8 @@ class Machine:
             return {
                 "endpoint": {c.name.lower(): self.endpoint.engine.count(c) for c in FaultCounter},
                 "nic": self.nic.counters(),
-                "vmm": {"plugs": self.plugs, "unplugs": self.unplugs, "endpoint_present": self.dev_id is not None},
+                "vmm": {"plugs": self.viommu.counters.plugs, "unplugs": self.viommu.counters.unplugs,
+                        "endpoint_present": self.dev_id is not None},
                 "host": _plain(self.host.counters.snapshot()),
                 "viommu": _plain(self.viommu.counters.snapshot()),
             }
