@@ -12,15 +12,12 @@ removed function automatically.
 
 from __future__ import annotations
 
-import shlex
 import time
-
-import pytest
 
 from devmodel.iommu import records as rec
 
 from devmodel_agent import hostsim
-from devmodel_agent.agent import Agent
+
 from .conftest import kv, ok, run
 
 FAST = 1.0  # a command on a removed device must fail well within this, not time out
@@ -41,18 +38,9 @@ def wait_gone(agent, kind: str, timeout: float = 3.0) -> None:
         time.sleep(0.02)
 
 
-@pytest.fixture
-def world_agent():
-    world = hostsim.build()
-    agent = Agent(world.backends)
-    agent.start()
-    yield agent, world
-    agent.stop()
-    world.close()
 
-
-def test_engine_removal_is_noticed_and_commands_fail_fast(world_agent):
-    agent, world = world_agent
+def test_engine_removal_is_noticed_and_commands_fail_fast(host_agent):
+    agent, world = host_agent
     ok(agent, "buf", "alloc", "b", "4096")
     ok(agent, "map", "0", "0x40000", "--page-for-buffer", "b")
     assert ok(agent, "dma", "fill", "--dst", "0x40000", "--len", "8")[0]["status"] == "SUCCESS"
@@ -76,9 +64,9 @@ def test_engine_removal_is_noticed_and_commands_fail_fast(world_agent):
     assert world.mmio_after_removal == 0
 
 
-def test_waiter_on_removed_engine_fails_instead_of_timing_out(world_agent):
+def test_waiter_on_removed_engine_fails_instead_of_timing_out(host_agent):
     """A ``dma wait`` in progress when the engine goes returns ENODEV, not the 5 s timeout."""
-    agent, world = world_agent
+    agent, world = host_agent
     # A FILL to an unmapped IOVA with PRI on and no answer: the job stays outstanding.
     ok(agent, "ats", "on")
     ok(agent, "pri", "enable")
@@ -93,9 +81,9 @@ def test_waiter_on_removed_engine_fails_instead_of_timing_out(world_agent):
     assert world.mmio_after_removal == 0
 
 
-def test_stale_page_requests_are_never_answered_automatically(world_agent):
+def test_stale_page_requests_are_never_answered_automatically(host_agent):
     """PRQ entries of a removed function turn ``stale``; a later Success policy answers none."""
-    agent, world = world_agent
+    agent, world = host_agent
     ok(agent, "ats", "on")
     ok(agent, "pri", "enable")
     ok(agent, "dma", "fill", "--pasid", "3", "--dst", "0x70000", "--len", "8", "--no-wait")
@@ -109,10 +97,10 @@ def test_stale_page_requests_are_never_answered_automatically(world_agent):
     assert agent.counters["pri_resp"] == resp_before
 
 
-def test_rescan_finds_engine_at_new_bdf_and_it_works(world_agent):
+def test_rescan_finds_engine_at_new_bdf_and_it_works(host_agent):
     """Re-plugged behind a root port at 01:00.0: vSID 0x100. ``dm rescan`` re-creates the driver
     state (ring mapped in a fresh CD table for the new vSID, STE s1) and DMA works again."""
-    agent, world = world_agent
+    agent, world = host_agent
     world.remove("engine")
     wait_gone(agent, "engine")
     rc, out = run(agent, "rescan")
@@ -135,10 +123,10 @@ def test_rescan_finds_engine_at_new_bdf_and_it_works(world_agent):
     assert world.mmio_after_removal == 0
 
 
-def test_next_command_rescans_automatically_same_bdf(world_agent):
+def test_next_command_rescans_automatically_same_bdf(host_agent):
     """Back at the same BDF: the next DMA command finds it without ``dm rescan``; the old
     mappings of that vSID were dropped with the device (fresh tables)."""
-    agent, world = world_agent
+    agent, world = host_agent
     ok(agent, "map", "0", "0x40000")
     world.remove("engine")
     wait_gone(agent, "engine")
@@ -150,10 +138,10 @@ def test_next_command_rescans_automatically_same_bdf(world_agent):
     assert ok(agent, "dma", "fill", "--dst", "0x40000", "--len", "8")[0]["status"] == "SUCCESS"
 
 
-def test_nic_removal_and_return(world_agent):
+def test_nic_removal_and_return(host_agent):
     """The NIC goes while up: ``nic`` commands fail with ENODEV, the engine is unaffected;
     once it is back, ``nic up`` on the new function works (RX round trip)."""
-    agent, world = world_agent
+    agent, world = host_agent
     ok(agent, "nic", "up", "--buffers", "2")
     world.remove("nic")
     wait_gone(agent, "nic")
@@ -169,10 +157,10 @@ def test_nic_removal_and_return(world_agent):
     assert world.mmio_after_removal == 0
 
 
-def test_removal_seen_by_sysfs_check_before_interrupt_thread(world_agent):
+def test_removal_seen_by_sysfs_check_before_interrupt_thread(host_agent):
     """The function vanished but its interrupt line has not reported yet: the command's own
     presence check notices first and still touches no register."""
-    agent, world = world_agent
+    agent, world = host_agent
     ep = world.endpoints["engine"]
     world._removable["engine"].removed = True  # node gone, no hang-up yet
     rc, out = run(agent, "dma", "status")

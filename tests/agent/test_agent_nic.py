@@ -10,18 +10,16 @@ per reference smmuv3-pcie.md §3, PRI per §8.5-8.6.
 from __future__ import annotations
 
 import hashlib
-import shlex
 import socket
 import time
-
-import pytest
 
 from devmodel.devices.nic_records import DEFAULT_MAC
 
 from devmodel_agent import hostsim
 from devmodel_agent.agent import Agent
-from .conftest import kv, ok, run
 from devmodel_agent.nic import generated_frame
+
+from .conftest import kv, ok, run
 
 NIC_VSID = 0x28
 
@@ -43,20 +41,11 @@ def frames_on_wire(world, n: int, timeout: float = 2.0) -> list[bytes]:
     return got
 
 
-@pytest.fixture
-def nic_agent():
-    world = hostsim.build()
-    agent = Agent(world.backends)
-    agent.start()
-    yield agent, world
-    agent.stop()
-    world.close()
 
-
-def test_nic_up_maps_rings_and_posts_buffers(nic_agent):
+def test_nic_up_maps_rings_and_posts_buffers(host_agent):
     """``nic up`` writes the NIC's STE (s1) itself, maps rings and buffers in CD 0 (identity),
     posts N buffers: RX_TAIL = N, RX/TX enabled (nic_records.Reg / StatusBit)."""
-    agent, world = nic_agent
+    agent, world = host_agent
     assert NIC_VSID not in agent.smmu.streams  # no context before
     out = ok(agent, "nic", "up", "--buffers", "5", "--rx-log2", "3")
     up, bufs = out[0], out[1:]
@@ -72,9 +61,9 @@ def test_nic_up_maps_rings_and_posts_buffers(nic_agent):
     assert run(agent, "nic", "up")[0] == 1  # already up: EBUSY, not a second set of rings
 
 
-def test_ste_for_nic_vsid_then_up(nic_agent):
+def test_ste_for_nic_vsid_then_up(host_agent):
     """``dm ste 0x28 s1`` works for the NIC's vSID (stream table covers it); up keeps that STE."""
-    agent, _ = nic_agent
+    agent, _ = host_agent
     ste = ok(agent, "ste", "0x28", "s1")[0]
     assert ste["sid"] == "0x28" and ste["mode"] == "s1"
     cd_table = agent.smmu.streams[NIC_VSID].cd_table
@@ -82,10 +71,10 @@ def test_ste_for_nic_vsid_then_up(nic_agent):
     assert agent.smmu.streams[NIC_VSID].cd_table == cd_table
 
 
-def test_rx_tx_round_trip_bytes(nic_agent):
+def test_rx_tx_round_trip_bytes(host_agent):
     """RX: frames from the wire land in posted buffers (DONE, FrameLen, bytes); TX: HEX and
     seeded frames reach the wire byte for byte; buffers are re-posted (tail advances)."""
-    agent, world = nic_agent
+    agent, world = host_agent
     ok(agent, "nic", "up", "--buffers", "4")
     sent = [bytes(range(i, i + 60)) for i in range(6)]  # more frames than buffers: re-posting works
     for frame in sent:
@@ -113,9 +102,9 @@ def test_rx_tx_round_trip_bytes(nic_agent):
     assert (c["rx_packets"], c["tx_packets"], c["rx_drops"]) == ("7", "4", "0")
 
 
-def test_rx_ring_with_pasid(nic_agent):
+def test_rx_ring_with_pasid(host_agent):
     """Rings and buffers reached with the ring PASID as SubstreamID (RX_CFG.PASID_EN)."""
-    agent, world = nic_agent
+    agent, world = host_agent
     ok(agent, "nic", "up", "--pasid", "5", "--buffers", "2")
     assert 5 in agent.smmu.streams[NIC_VSID].contexts
     world.wire.inject(b"\xaa" * 64)
@@ -124,12 +113,12 @@ def test_rx_ring_with_pasid(nic_agent):
     assert ok(agent, "nic", "send", "--len", "64", "--seed", "1")[0]["status"] == "DONE"
 
 
-def test_unmapped_rx_buffer_faults_then_next_frame_delivered(nic_agent):
+def test_unmapped_rx_buffer_faults_then_next_frame_delivered(host_agent):
     """The driver unmapped the next buffer (+ TLBI): the frame's buffer write faults ->
     F_TRANSLATION for StreamID 0x28 at the buffer IOVA, a write (RnW=0) (§3); the descriptor
     says DMA_FAULT / F_TRANSLATION, counted drop; the next frame goes to the next buffer,
     and the faulted buffer is parked until ``remap-rx``."""
-    agent, world = nic_agent
+    agent, world = host_agent
     ok(agent, "nic", "up", "--buffers", "3")
     un = ok(agent, "nic", "unmap-rx")[0]
     assert un["slot"] == "0"
@@ -150,9 +139,9 @@ def test_unmapped_rx_buffer_faults_then_next_frame_delivered(nic_agent):
     assert ok(agent, "nic", "status")[0]["posted"] == "3"
 
 
-def test_unmap_rx_burst_counts_exactly(nic_agent):
+def test_unmap_rx_burst_counts_exactly(host_agent):
     """N unmapped buffers and N frames: exactly N DMA_FAULT write-backs, N events, N drops."""
-    agent, world = nic_agent
+    agent, world = host_agent
     ok(agent, "nic", "up", "--buffers", "6")
     assert len(ok(agent, "nic", "unmap-rx", "--count", "4")) == 4
     for i in range(4):
@@ -163,11 +152,11 @@ def test_unmap_rx_burst_counts_exactly(nic_agent):
     assert ok(agent, "nic", "counters")[0]["rx_dma_faults"] == "4"
 
 
-def test_pri_delivers_after_success_response(nic_agent):
+def test_pri_delivers_after_success_response(host_agent):
     """ATS + PRI on the NIC (``--dev nic``): the unmapped buffer raises a page request instead
     of a fault; the agent's Success policy maps the buffer's own page back and answers; the
     NIC retries and delivers the frame into that buffer (DONE, bytes intact)."""
-    agent, world = nic_agent
+    agent, world = host_agent
     assert ok(agent, "ats", "on", "--dev", "nic")[0]["enabled"] == "1"
     assert ok(agent, "pri", "enable", "--dev", "nic")[0]["enabled"] == "1"
     assert ok(agent, "pri", "status")[0]["enabled"] == "0"  # the engine's PRI is untouched
