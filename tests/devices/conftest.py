@@ -12,6 +12,7 @@ No client is involved here; the vfio-user path is tested elsewhere.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -36,7 +37,27 @@ RING_LOG2 = 4
 LocalContext = LoopbackContext  # the shared in-process DeviceContext
 
 
-class Rig:
+class RegionAccess:
+    """Config-space and BAR0 accessors over whatever serves the function's regions: the
+    model itself (``region_read``/``region_write``, as a backend drives it) or a vfio-user
+    client (same signatures). Subclasses set :attr:`regions`."""
+
+    regions: Any
+
+    def cfg(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.regions.region_read(PciRegion.CONFIG, offset, size), "little")
+
+    def set_cfg(self, offset: int, size: int, value: int) -> None:
+        self.regions.region_write(PciRegion.CONFIG, offset, value.to_bytes(size, "little"))
+
+    def reg(self, offset: int, size: int = 4) -> int:
+        return int.from_bytes(self.regions.region_read(PciRegion.BAR0, offset, size), "little")
+
+    def set_reg(self, offset: int, value: int, size: int = 4) -> None:
+        self.regions.region_write(PciRegion.BAR0, offset, value.to_bytes(size, "little"))
+
+
+class Rig(RegionAccess):
     """SMMU world + DMA engine function + the test playing host driver and guest driver."""
 
     def __init__(self) -> None:
@@ -46,6 +67,7 @@ class Rig:
         self.pt = self.stream.tables[PASID]
         self.next_pa = DATA_PA
         self.dev = DmaEngineFunction(self.smmu, SID, self.mem)
+        self.regions = self.dev
         self.ctx = LocalContext(self.mem)
         for vector in range(2):
             self.ctx.install_eventfd(PciIrq.MSIX, vector)
@@ -55,18 +77,6 @@ class Rig:
         self.map(COMPL)
 
     # --- config space / BAR access ------------------------------------------------------
-    def cfg(self, offset: int, size: int) -> int:
-        return int.from_bytes(self.dev.region_read(PciRegion.CONFIG, offset, size), "little")
-
-    def set_cfg(self, offset: int, size: int, value: int) -> None:
-        self.dev.region_write(PciRegion.CONFIG, offset, value.to_bytes(size, "little"))
-
-    def reg(self, offset: int, size: int = 4) -> int:
-        return int.from_bytes(self.dev.region_read(PciRegion.BAR0, offset, size), "little")
-
-    def set_reg(self, offset: int, value: int, size: int = 4) -> None:
-        self.dev.region_write(PciRegion.BAR0, offset, value.to_bytes(size, "little"))
-
     def fault_counter(self, which: FaultCounter) -> int:
         return self.reg(Reg.FAULTS + 4 * which)
 

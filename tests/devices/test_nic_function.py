@@ -29,8 +29,10 @@ from devmodel.iommu import records as rec
 from devmodel.iommu.builder import make_s1_stream, make_world
 from devmodel.iommu.records import EventId, Opcode
 from devmodel.pci import regs
-from vfio_user.device import PciIrq, PciRegion
+from vfio_user.device import PciIrq
 from vfio_user.loopback import LoopbackContext
+
+from .conftest import RegionAccess
 
 SID = 0x108  # the NIC's host StreamID in the machine (the NIC model docstring (devmodel/devices/nic.py))
 PASID = 5
@@ -49,7 +51,7 @@ def frame(i: int, size: int = 64) -> bytes:
     return head + body
 
 
-class NicRig:
+class NicRig(RegionAccess):
     """SMMU world + NIC function + socket-pair wire; the test plays host driver, guest driver and network."""
 
     def __init__(self, pasid: int | None = PASID) -> None:
@@ -61,6 +63,7 @@ class NicRig:
         self.next_pa = DATA_PA
         self.wire = SocketPairBackend()
         self.dev = NicFunction(self.smmu, SID, self.mem, backend=self.wire)
+        self.regions = self.dev
         self.ctx = LoopbackContext(self.mem)
         for vector in range(3):
             self.ctx.install_eventfd(MSIX, vector)
@@ -76,18 +79,6 @@ class NicRig:
         self.wire.close()
 
     # --- config space / BAR access ------------------------------------------------------
-    def cfg(self, offset: int, size: int) -> int:
-        return int.from_bytes(self.dev.region_read(PciRegion.CONFIG, offset, size), "little")
-
-    def set_cfg(self, offset: int, size: int, value: int) -> None:
-        self.dev.region_write(PciRegion.CONFIG, offset, value.to_bytes(size, "little"))
-
-    def reg(self, offset: int, size: int = 4) -> int:
-        return int.from_bytes(self.dev.region_read(PciRegion.BAR0, offset, size), "little")
-
-    def set_reg(self, offset: int, value: int, size: int = 4) -> None:
-        self.dev.region_write(PciRegion.BAR0, offset, value.to_bytes(size, "little"))
-
     def counter(self, which: NicCounter) -> int:
         return self.reg(Reg.COUNTERS + 4 * which)
 

@@ -17,7 +17,7 @@ import pytest
 from devmodel.devices.nic_records import DescStatus, NicCounter, StatusBit
 from devmodel.iommu import records as rec
 from vfio_user.client import Client
-from vfio_user.device import MODEL_LOCK, PciIrq, PciRegion
+from vfio_user.device import MODEL_LOCK, PciIrq
 from vfio_user.protocol import IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD
 from vfio_user.server import Server
 
@@ -31,18 +31,7 @@ class ServedRig(NicRig):
 
     def __init__(self, client: Client) -> None:
         self.client = client
-
-    def cfg(self, offset: int, size: int) -> int:
-        return int.from_bytes(self.client.region_read(PciRegion.CONFIG, offset, size), "little")
-
-    def set_cfg(self, offset: int, size: int, value: int) -> None:
-        self.client.region_write(PciRegion.CONFIG, offset, value.to_bytes(size, "little"))
-
-    def reg(self, offset: int, size: int = 4) -> int:
-        return int.from_bytes(self.client.region_read(PciRegion.BAR0, offset, size), "little")
-
-    def set_reg(self, offset: int, value: int, size: int = 4) -> None:
-        self.client.region_write(PciRegion.BAR0, offset, value.to_bytes(size, "little"))
+        self.regions = client  # the client has region_read/region_write like the model
 
 
 @pytest.fixture
