@@ -9,7 +9,6 @@ into the vIOMMU at the same vSID.
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -17,16 +16,9 @@ from devmodel.machine import ENDPOINT_VSID, HOTPLUG_VSID, Machine
 from vfio_user.client import Client
 from vfio_user.server import Server
 
+from .conftest import wait_until
+
 RAM_MB = 4
-
-
-def wait_until(cond, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.mark.parametrize("hotplug", [False, True], ids=["machine", "machine-hotplug"])

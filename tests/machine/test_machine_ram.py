@@ -11,16 +11,9 @@ from devmodel.machine import Machine
 from vfio_user.client import Client
 from vfio_user.server import Server
 
+from .conftest import wait_until
+
 RAM_MB = 4
-
-
-def wait_until(cond, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_guest_ram_mapped_on_dma_map_and_unmapped_when_the_client_leaves(tmp_path):
