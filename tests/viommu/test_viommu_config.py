@@ -8,6 +8,8 @@ iommufd.md section 1.5.5 (nested attach needs a vDEVICE), 4.1/4.3 (entry_num, EI
 
 from __future__ import annotations
 
+import pytest
+
 from devmodel.iommu import registers as R
 from devmodel.iommu import records as rec
 from devmodel.iommu.records import EventId, Opcode
@@ -113,3 +115,33 @@ def test_reserved_opcode_and_sync_cs3_are_cerror_ill(world):
         g.mem.write(CMDQ + bad * rec.CMD_SIZE, rec.encode_command(Opcode.CMD_SYNC))
         g.wr(R.GERRORN, g.rd(R.GERROR))
         assert g.rd(R.CMDQ_CONS) & R.Q_IDX_MASK == g.cmd_prod
+
+
+def test_unplug_detaches_and_plug_installs_the_current_ste_without_an_event(world):
+    """Hot-plug on the VMM side. unplug: the nested HWPT is detached and destroyed and the
+    vDEVICE goes (iommufd.md 1.6). plug: the endpoint gets what the guest's stream table
+    says now; an invalid STE there means abort, but no C_BAD_STE is recorded, because no
+    transaction or CFGI_STE looked it up (SMMUv3 records configuration errors on lookup);
+    the guest's next CFGI_STE reports it as usual."""
+    host, fn, ctx, g = world
+    g.events()
+    g.s1_stream()
+    ep = fn.endpoints[VSID]
+    dev, nested, vdev = ep.dev_id, ep.hwpt_id, fn.vdevice_ids[VSID]
+    assert fn.unplug(VSID) == 0
+    assert VSID not in fn.endpoints and VSID not in fn.vdevice_ids
+    for obj in (nested, vdev):
+        with pytest.raises(OSError):
+            host.ctx.destroy(obj)  # already gone
+    with pytest.raises(KeyError):
+        fn.unplug(VSID)
+    g.write_ste(VSID, rec.STE.encode(V=0))
+    fn.plug(VSID, dev)
+    assert fn.endpoints[VSID].hwpt_id == fn.abort_hwpt and VSID in fn.vdevice_ids
+    assert g.events() == []
+    with pytest.raises(ValueError):
+        fn.plug(VSID, dev)
+    g.cmd(Opcode.CMD_CFGI_STE, StreamID=VSID, Leaf=1)
+    g.sync()
+    assert [(e.EventID, e.StreamID) for e in g.events()] == [(EventId.C_BAD_STE, VSID)]
+    assert (fn.counters.unplugs, fn.counters.plugs) == (1, 1)
