@@ -177,8 +177,15 @@ def interact(guest: "Guest") -> int:
     return 0
 
 
+_MAIN_PID = os.getpid()
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM takes the same teardown path as Ctrl-C."""
+    """SIGTERM takes the same teardown path as Ctrl-C, in this process only: a forked
+    helper child (pyroute2 forks to make the NIC's namespace, then stops it with SIGTERM)
+    inherits the handler and must just end, not unwind into our teardown."""
+    if os.getpid() != _MAIN_PID:
+        os._exit(128 + signum)
     raise KeyboardInterrupt
 
 

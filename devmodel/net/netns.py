@@ -230,9 +230,18 @@ _LIVE_LOCK = threading.Lock()
 _SEQ = itertools.count()
 
 
+_OWNER_PID = os.getpid()
+
+
 @atexit.register
 def _close_all() -> None:
-    """Interpreter exit: close every namespace a test or demo forgot (or crashed past)."""
+    """Interpreter exit: close every namespace a test or demo forgot (or crashed past).
+
+    Only in the process that made them: a forked child (pyroute2 forks to create a
+    namespace) inherits this hook, and if it ever exits through the interpreter it must
+    not remove the namespace its parent is still setting up."""
+    if os.getpid() != _OWNER_PID:
+        return
     with _LIVE_LOCK:
         live = list(_LIVE)
     for ns in live:

@@ -181,6 +181,28 @@ def test_atexit_closes_a_forgotten_namespace() -> None:
     assert name not in pyroute2_netns.listnetns()
 
 
+def test_atexit_hook_of_a_forked_child_leaves_the_parents_namespace() -> None:
+    """pyroute2 forks to create namespaces; a child that exits through the interpreter runs
+    the inherited atexit hooks, which must not remove the namespace the parent owns."""
+    needs_net_admin()
+    child = run_child("""
+        import atexit, os
+        from pyroute2 import netns
+        from devmodel.net import NetNamespace
+        ns = NetNamespace()
+        ns.open()
+        pid = os.fork()
+        if pid == 0:
+            atexit._run_exitfuncs()  # what an interpreter exit of the child would do
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(ns.name in netns.listnetns())
+        ns.close()
+    """)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == "True"
+
+
 def test_killed_creator_is_reaped_by_cleanup_stale() -> None:
     """SIGKILL skips atexit: the namespace survives until cleanup_stale() sees the dead pid."""
     needs_net_admin()
