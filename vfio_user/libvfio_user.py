@@ -270,7 +270,7 @@ class LibvfuMemory(DmaPort):
     def _access(self, addr: int, size: int, data: bytes | None) -> bytes:
         ep = self._ep
         write = data is not None
-        if ep.server.in_loop_thread():
+        if ep.server.in_serving_thread():
             raise DmaFromHandlerError("DMA from the event-loop thread; use ctx.call_soon()")
         with MODEL_LOCK:
             if not ep.attached:

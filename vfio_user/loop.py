@@ -1,10 +1,12 @@
 """The event loop and device workers shared by both vfio-user backends.
 
-One epoll loop per server watches the listening/connection sockets (or libvfio-user's
-poll fds) and any fd a device model registers. Callbacks run in the loop thread, with
-MODEL_LOCK held when registered ``locked``. Device work scheduled with ``call_soon`` from
-inside the loop is deferred until the loop iteration has sent its replies (a reply must
-never wait behind device work), then handed to the device's :class:`Worker`.
+One epoll loop per server watches the listening sockets (or libvfio-user's poll fds) and
+any fd a device model registers. Callbacks run in the loop thread, with MODEL_LOCK held
+when registered ``locked``. A backend may also serve an attached client from a thread of
+its own (the Python server does: see :mod:`vfio_user.server`); such a thread is a
+*serving thread* like the loop thread. Device work scheduled with ``call_soon`` from a
+serving thread is deferred until that thread has sent its replies (a reply must never
+wait behind device work), then handed to the device's :class:`Worker`.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ class EventLoop:
         self._handlers: dict[int, tuple[Callable[[], None], bool]] = {}
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._deferred: list[tuple[Worker, Callable[[], None]]] = []
+        #: Per serving thread: ``deferred``, the call_soon work held until its replies are sent.
+        self._local = threading.local()
         self._register(self._wake_fd, self._on_wake, locked=False)
         self._stopping = False
         self._closed = False
@@ -74,6 +77,8 @@ class EventLoop:
     def serve_forever(self) -> None:
         """Run the loop in this thread until :meth:`stop`."""
         self._loop_ident = threading.get_ident()
+        self.begin_serving()
+        deferred = self._local.deferred
         self._running.set()
         try:
             while not self._stopping:
@@ -89,15 +94,19 @@ class EventLoop:
                     try:
                         if locked:
                             with MODEL_LOCK:
-                                cb()
+                                # A request served in another thread (under MODEL_LOCK) may
+                                # have removed this reader, and closed its fd, meanwhile.
+                                if self._handlers.get(fd) is entry:
+                                    cb()
                         else:
                             cb()
                     except Exception:
                         log.exception("event-loop callback for fd %d failed", fd)
-                if self._deferred:
+                if deferred:
                     self._flush_deferred()
         finally:
             self._shutdown()
+            self.end_serving()
 
     def start_in_thread(self) -> threading.Thread:
         """Run :meth:`serve_forever` in a daemon thread; returns once the loop runs."""
@@ -127,6 +136,20 @@ class EventLoop:
 
     def in_loop_thread(self) -> bool:
         return threading.get_ident() == self._loop_ident
+
+    def in_serving_thread(self) -> bool:
+        """True in the loop thread and in a backend's per-client thread: where requests
+        and fd callbacks run, so where a DMA would stall the protocol."""
+        return getattr(self._local, "deferred", None) is not None
+
+    def begin_serving(self) -> None:
+        """Mark the calling thread as a serving thread (see :meth:`in_serving_thread`)."""
+        self._local.deferred = []
+
+    def end_serving(self) -> None:
+        """Hand this thread's held work to the workers and unmark it."""
+        self._flush_deferred()
+        self._local.deferred = None
 
     # -- internals ----------------------------------------------------------------------
     def _shutdown(self) -> None:
@@ -178,14 +201,20 @@ class EventLoop:
             self._wake()
 
     def _schedule(self, worker: Worker, fn: Callable[[], None]) -> None:
-        """call_soon: from the loop, wait until this iteration's replies are sent."""
-        if self.in_loop_thread():
-            self._deferred.append((worker, fn))
+        """call_soon: from a serving thread, wait until its current replies are sent."""
+        deferred = getattr(self._local, "deferred", None)
+        if deferred is not None:
+            deferred.append((worker, fn))
         else:
             worker.queue.put(fn)
 
     def _flush_deferred(self) -> None:
-        items, self._deferred = self._deferred, []
+        """Hand the calling serving thread's held work to the workers."""
+        held = getattr(self._local, "deferred", None)
+        if not held:
+            return
+        items = held[:]
+        held.clear()  # in place: a serving thread may keep a reference to its list
         for worker, fn in items:
             worker.queue.put(fn)
 

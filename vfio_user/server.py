@@ -1,10 +1,15 @@
 """Pure-Python vfio-user server: one event loop for every device socket.
 
 One :class:`Server` owns one epoll loop that serves any number of listening UNIX sockets
-(one per PCI function), their client connections, and extra fds that device models watch.
-Requests are answered from the loop thread with :data:`MODEL_LOCK` held; every byte that
-was readable is parsed and all replies of the batch go out in one ``sendmsg`` (a Python
-server is only fast when it amortises system calls).
+(one per PCI function) and the extra fds that device models watch. Each attached client
+gets a reader thread of its own that blocks in ``recvmsg`` on the connection: a serial
+round trip then costs the server one ``recvmsg`` and one ``send``, without an
+``epoll_wait`` and the loop's dispatch on top, which were about a fifth of the serial
+rate (``benchmarks/bench_vfio_user.py``; docs/backends.md). Requests are
+answered with :data:`MODEL_LOCK` held, exactly like the loop's callbacks, so a device
+model still sees one request or callback at a time. Every byte that was readable is
+parsed and all replies of the batch go out in one ``send`` (a Python server is only fast
+when it amortises system calls).
 
 Server-to-client DMA (DMA_READ/DMA_WRITE messages, for client memory mapped without an
 fd) is only ever sent by a device worker thread, after the replies of the batch that
@@ -19,6 +24,7 @@ import array
 import errno
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -100,7 +106,6 @@ _READ = int(Command.REGION_READ)
 _WRITE = int(Command.REGION_WRITE)
 _NO_REPLY = FLAG_NO_REPLY
 # Plain ints: testing an IntFlag member costs an enum call per message.
-_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 
 
@@ -152,7 +157,7 @@ class ClientMemory(DmaPort):
     def _access(self, addr: int, size: int, data: bytes | None) -> bytes:
         conn = self._conn
         write = data is not None
-        if conn.server.in_loop_thread():
+        if conn.server.in_serving_thread():
             raise DmaFromHandlerError("DMA from the event-loop thread; use ctx.call_soon()")
         if conn.closed:
             raise MessageDmaError(addr, size, write, errno.ENOTCONN, "client disconnected")
@@ -239,7 +244,6 @@ class _Connection:
         self.endpoint = endpoint
         self.device = endpoint.device
         self.sock = sock
-        self.fd = sock.fileno()
         self.reader = MessageReader(server.max_msg_size)
         # A preallocated receive buffer: a fresh 256 KiB bytes per recvmsg would cost an
         # mmap/munmap pair per message and halve the round-trip rate.
@@ -258,6 +262,9 @@ class _Connection:
         self.region_sizes: dict[int, int] = {}
         self.ctx = _Context(self)
         self.send_lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        #: The reader thread (:meth:`serve`); it closes the socket when it ends.
+        self.thread: threading.Thread | None = None
         self.pending: dict[int, _DmaWaiter] = {}
         self._next_id = 0
         self._id_lock = threading.Lock()
@@ -279,8 +286,45 @@ class _Connection:
 
     # -- I/O ----------------------------------------------------------------------------
 
-    def on_readable(self) -> None:
-        """Read what the socket holds, answer every complete request, send replies at once.
+    def start(self) -> None:
+        name = f"vfu-conn-{os.path.basename(self.endpoint.path)}"
+        self.thread = threading.Thread(target=self.serve, name=name, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        """The reader thread: receive and answer until the client goes or :meth:`close`."""
+        server = self.server
+        server.begin_serving()
+        deferred = server._local.deferred
+        try:
+            while not self.closed:
+                self.receive()
+                if deferred:
+                    server._flush_deferred()
+        finally:
+            server.end_serving()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+    def peer_gone(self) -> bool:
+        """Whether the client has shut its end (its remaining bytes may still be unread)."""
+        try:
+            p = select.poll()
+            p.register(self.sock, select.POLLRDHUP)
+            return bool(p.poll(0))
+        except (OSError, ValueError):  # already closed here
+            return True
+
+    def wait_finished(self, timeout: float) -> None:
+        """Wait until the reader thread has served everything and closed the connection."""
+        t = self.thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+
+    def receive(self) -> None:
+        """Wait for bytes, answer every complete request, send the replies at once.
 
         The common case (no fds, no partial message left over, negotiated) decodes REGION_READ
         and REGION_WRITE requests straight from the receive buffer with one precompiled
@@ -288,11 +332,12 @@ class _Connection:
         reader and :meth:`handle`, in order.
         """
         try:
-            nbytes, anc, flags, _ = self.sock.recvmsg_into(self._rbufs, ANC_SIZE, _MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
+            nbytes, anc, flags, _ = self.sock.recvmsg_into(self._rbufs, ANC_SIZE)
+        except InterruptedError:
             return
         except OSError as exc:
-            log.info("%s: receive failed: %s", self.endpoint.path, exc)
+            if not self.closed:
+                log.info("%s: receive failed: %s", self.endpoint.path, exc)
             self.close()
             return
         if anc or flags & _MSG_CTRUNC or not nbytes or not self.negotiated or self.reader.buffered():
@@ -306,9 +351,12 @@ class _Connection:
                 if not self._dispatch(msgs, out):
                     return
         if out and not self.closed:
+            data = out[0] if len(out) == 1 else b"".join(out)
             try:
                 with self.send_lock:  # uncontended unless a worker is sending a DMA message
-                    self.sock.sendall(b"".join(out))
+                    sent = self.sock.send(data)
+                    if sent < len(data):
+                        self.sock.sendall(memoryview(data)[sent:])
             except OSError as exc:
                 log.info("%s: send failed: %s", self.endpoint.path, exc)
                 self.close()
@@ -367,8 +415,7 @@ class _Connection:
                     if reply is not None:
                         out.append(reply)
                 else:
-                    out.append(pack(msg_id, cmd, _ACCESS_MSG_SIZE + count, _REPLY, 0, offset, region, count))
-                    out.append(data)
+                    out.append(pack(msg_id, cmd, _ACCESS_MSG_SIZE + count, _REPLY, 0, offset, region, count) + data)
             elif (cmd == _WRITE and size == _ACCESS_MSG_SIZE + count and not mflags & ~_NO_REPLY
                   and nbytes - pos >= size):
                 if debug:
@@ -427,11 +474,20 @@ class _Connection:
             self.server._call_in_loop(self.close)
 
     def close(self) -> None:
-        """Client gone: unmap all, close eventfds, detach the device, keep its state."""
-        if self.closed:
-            return
-        self.closed = True
-        self.server._unregister(self.fd)
+        """Client gone: unmap all, close eventfds, detach the device, keep its state.
+
+        Any thread may call this. The socket is shut down here, which wakes the reader
+        thread; that thread closes the descriptor on its way out, so no thread can be left
+        in a system call on a descriptor number that was reused meanwhile.
+        """
+        with self._close_lock:
+            if self.closed:
+                return
+            self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         with MODEL_LOCK:
             self.ctx._close()
             if self.negotiated:
@@ -447,10 +503,8 @@ class _Connection:
             w.event.set()
         self.pending.clear()
         _close_fds(self.reader.pending_fds())
-        try:
+        if self.thread is None:
             self.sock.close()
-        except OSError:
-            pass
         if self.endpoint.conn is self:
             self.endpoint.conn = None
         log.info("%s: connection closed, device detached", self.endpoint.path)
@@ -848,6 +902,11 @@ class Server(EventLoop):
             sock, _ = ep.sock.accept()
         except (BlockingIOError, InterruptedError):
             return
+        old = ep.conn
+        if old is not None and old.peer_gone():
+            # The previous client hung up but its reader thread may not have reached the
+            # end of what it sent (posted writes count): let it finish, as one loop would.
+            old.wait_finished(SEND_TIMEOUT)
         if ep.conn is not None:
             log.warning("%s: a client is already attached; refusing another", ep.path)
             sock.close()
@@ -857,7 +916,7 @@ class Server(EventLoop):
                         struct.pack("ll", int(SEND_TIMEOUT), 0))
         conn = _Connection(self, ep, sock)
         ep.conn = conn
-        self._register(conn.fd, conn.on_readable, locked=False)
+        conn.start()
         log.info("%s: client connected", ep.path)
 
     def _shutdown(self) -> None:
@@ -866,8 +925,11 @@ class Server(EventLoop):
         self._closed = True
         self._flush_deferred()
         for ep in self._endpoints.values():
-            if ep.conn is not None:
-                ep.conn.close()
+            conn = ep.conn
+            if conn is not None:
+                conn.close()
+                if conn.thread is not None and conn.thread is not threading.current_thread():
+                    conn.thread.join(timeout=10)
             self._unregister(ep.sock.fileno())
             ep.sock.close()
             try:

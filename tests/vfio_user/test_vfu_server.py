@@ -3,12 +3,13 @@
 import os
 import socket
 import stat
+import threading
 import time
 
 import pytest
 
 from vfio_user.client import Client
-from vfio_user.device import PciIrq
+from vfio_user.device import MODEL_LOCK, PciIrq
 from vfio_user import protocol as P
 from vfio_user.server import Server
 
@@ -114,4 +115,63 @@ def test_extra_reader_runs_in_loop(vfu) -> None:
         time.sleep(0.005)
     assert fired == [True]
     vfu.server.remove_reader(efd)
+    os.close(efd)
+
+
+def _conn_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("vfu-conn-")]
+
+
+def test_each_client_has_a_reader_thread_and_stop_joins_them(sockdir, tdev) -> None:
+    """Our server reads each attached client in a thread of its own (vfio_user/server.py:
+    one recvmsg and one send per serial round trip); stop() must leave none behind, even
+    for a client that stays connected and silent."""
+    s = Server()
+    devs = [tdev.VfuTestDevice() for _ in range(2)]
+    paths = [os.path.join(sockdir, f"r{i}.sock") for i in range(2)]
+    for p, d in zip(paths, devs):
+        s.add_device(p, d)
+    s.start_in_thread()
+    before = set(_conn_threads())
+    clients = [Client(p) for p in paths]
+    for c in clients:
+        c.negotiate()
+    mine = set(_conn_threads()) - before
+    assert sorted(t.name for t in mine) == ["vfu-conn-r0.sock", "vfu-conn-r1.sock"]
+    s.stop()
+    assert not any(t.is_alive() for t in mine)
+    assert all(d.events == ["attach", "detach"] for d in devs)
+    for c in clients:
+        c.close()
+    for d in devs:
+        d.close()
+
+
+def test_posted_writes_before_a_hangup_land_before_the_next_client(vfu, tdev) -> None:
+    """A client that posts writes and hangs up, then a new client at once (QEMU's order on
+    a device reset of the connection): the new client is accepted, not refused as a second
+    client, and sees the last posted value, as a server reading requests in order must."""
+    for round_ in range(20):
+        c = vfu.client()
+        for i in range(50):
+            c.region_write(0, tdev.REG_SCRATCH, (round_ * 100 + i).to_bytes(4, "little"), posted=True)
+        c.close()
+        c2 = vfu.client()
+        assert int.from_bytes(c2.region_read(0, tdev.REG_SCRATCH, 4), "little") == round_ * 100 + 49
+        c2.close()
+
+
+def test_reader_removed_while_its_event_waits_for_the_model_lock_does_not_run(vfu) -> None:
+    """Requests are served outside the loop thread, under MODEL_LOCK: a model that removes
+    (and closes) a watched fd there must not have its callback run afterwards for an
+    event the loop had already taken."""
+    fired = []
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    vfu.server.add_reader(efd, lambda: fired.append(os.eventfd_read(efd)))
+    with MODEL_LOCK:
+        os.eventfd_write(efd, 1)
+        time.sleep(0.2)  # the loop takes the event and waits for the lock
+        vfu.server.remove_reader(efd)
+    time.sleep(0.1)
+    assert fired == []
     os.close(efd)
