@@ -15,7 +15,10 @@ this process is the client (its public ``region_read`` / ``region_read_many`` AP
 Reference points on this kind of 2-vCPU machine (project reference notes): the C
 reference server does about 88k/s serially and 205k/s with 32 in flight; through QEMU a
 trapped BAR read costs about 47 us, of which about 25 us is the vfio-user round trip.
-The machine is shared: check /proc/loadavg and repeat.
+The machine is shared and its speed drifts by 10-20 % within minutes, so compare servers
+in the same run: ``--reference 'CMD {sock}'`` starts another server (for instance a
+libvfio-user server built outside this tree that serves a BAR0 of at least 4 bytes) and
+prints the same metrics for it, prefixed ``reference-``, with the same client and pinning.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -109,6 +113,29 @@ def bench_pipelined(client, duration: float, inflight: int) -> float:
 
 
 @contextlib.contextmanager
+def served_reference(command: str, cpu: int | None) -> Iterator[str]:
+    """Another vfio-user server, started from ``command`` with ``{sock}`` replaced."""
+    d = tempfile.mkdtemp(prefix="vfuref")
+    path = os.path.join(d, "ref.sock")
+    argv = shlex.split(command.replace("{sock}", path))
+    if cpu is not None:
+        argv = ["taskset", "-c", str(cpu)] + argv
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path):
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"reference server did not create {path}")
+            time.sleep(0.02)
+        time.sleep(0.2)  # the socket file appears at bind(), before listen()
+        yield path
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def served_null_device(cpu: int | None) -> Iterator[str]:
     """A NullDevice server in a child process (as it would run beside QEMU); yields its socket."""
     d = tempfile.mkdtemp(prefix="vfubench")
@@ -128,7 +155,7 @@ def served_null_device(cpu: int | None) -> Iterator[str]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def transport_metrics(duration: float, same_cpu: bool) -> None:
+def transport_metrics(duration: float, same_cpu: bool, reference: str | None = None) -> None:
     """Serial and pipelined round trips; with ``same_cpu`` both processes share one CPU.
 
     Why both: on this kind of 2-vCPU VM a wakeup on the other vCPU costs several times a
@@ -138,16 +165,19 @@ def transport_metrics(duration: float, same_cpu: bool) -> None:
     from vfio_user.client import Client
 
     suffix = "-same-cpu" if same_cpu else ""
+    prefix = "reference-" if reference else ""
     cpu = min(os.sched_getaffinity(0)) if same_cpu else None
     saved = os.sched_getaffinity(0)
+    served = served_reference(reference, cpu) if reference else served_null_device(cpu)
     try:
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
-        with served_null_device(cpu) as path, Client(path) as c:
+        with served as path, Client(path) as c:
             c.negotiate()
             bench_serial(c, 0.2)  # warm up
-            print(f"vfio-user-region-read-serial{suffix}: {bench_serial(c, duration):.0f} msgs/s", flush=True)
-            print(f"vfio-user-region-read-{INFLIGHT}-inflight{suffix}: "
+            print(f"{prefix}vfio-user-region-read-serial{suffix}: {bench_serial(c, duration):.0f} msgs/s",
+                  flush=True)
+            print(f"{prefix}vfio-user-region-read-{INFLIGHT}-inflight{suffix}: "
                   f"{bench_pipelined(c, duration, INFLIGHT):.0f} msgs/s", flush=True)
     finally:
         os.sched_setaffinity(0, saved)
@@ -207,10 +237,14 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=DURATION, help="seconds per transport metric")
     parser.add_argument("--no-guest", action="store_true", help="skip the booted-guest metric")
     parser.add_argument("--only-guest", action="store_true", help="only the booted-guest metric")
+    parser.add_argument("--reference", metavar="CMD",
+                        help="also measure this server ({sock} is replaced by its socket path)")
     args = parser.parse_args()
     if not args.only_guest:
-        transport_metrics(args.duration, same_cpu=False)
-        transport_metrics(args.duration, same_cpu=True)
+        for same_cpu in (False, True):
+            transport_metrics(args.duration, same_cpu)
+            if args.reference:
+                transport_metrics(args.duration, same_cpu, args.reference)
     if not args.no_guest:
         guest_metrics()
     return 0
