@@ -179,6 +179,7 @@ def test_unplug_and_plug_the_dma_engine_in_process():
     """The machine with its endpoint behind a root port: ``qemu.unplug`` returns once the
     guest released the function, ``qemu.plug`` brings it back (guest sysfs both times)."""
     from devmodel.control import ControlClient
+    from devmodel.control.client import ControlError
 
     with run_cmd.machine([serve.MACHINE_HOTPLUG]) as (guest, served):
         names = [s.name for s in served]
@@ -187,6 +188,11 @@ def test_unplug_and_plug_the_dma_engine_in_process():
             before = c.call("qemu.query")
             assert any(d["qdev_id"] == "dma_engine" and d["bdf"] == "01:00.0" for d in before), before
             assert HOTPLUG_BDF in guest.check("ls /sys/bus/pci/devices")
+            # The vIOMMU (MSI-X, which this QEMU aborts on when it really unplugs it) sits on
+            # bus 0: QEMU refuses the request itself, and QEMU and the function stay.
+            with pytest.raises(ControlError, match=r"QEMU refused device_del viommu: .*does not support hotplugging"):
+                c.call("qemu.unplug", device="viommu")
+            assert any(d["qdev_id"] == "viommu" for d in c.call("qemu.query"))
             result = c.call("qemu.unplug", device="dma_engine")
             assert result["unplugged"] is True
             assert HOTPLUG_BDF not in guest.check("ls /sys/bus/pci/devices")
