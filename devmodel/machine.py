@@ -220,12 +220,16 @@ class Machine:
         with MODEL_LOCK:
             from devmodel.devices.dma_engine_records import FaultCounter
             return {
-                "endpoint": {c.name.lower(): self.endpoint.engine.count(c) for c in FaultCounter},
+                "endpoint": {**{c.name.lower(): self.endpoint.engine.count(c) for c in FaultCounter},
+                             # a gauge: page request groups sent and not answered yet
+                             "pri_outstanding": self.endpoint.engine.pri_outstanding},
                 "nic": self.nic.counters(),
                 "vmm": {"plugs": self.viommu.counters.plugs, "unplugs": self.viommu.counters.unplugs,
                         "endpoint_present": self.dev_id is not None},
                 "host": _plain(self.host.counters.snapshot()),
-                "viommu": _plain(self.viommu.counters.snapshot()),
+                # a gauge too: page requests the guest was given and has not answered
+                "viommu": {**_plain(self.viommu.counters.snapshot()),
+                           "prgs_outstanding": self.viommu.pending.outstanding()},
             }
 
     def close(self) -> None:

@@ -119,6 +119,10 @@ class PendingResponses:
         pasid = last.pasid if last.flags & uapi.IOMMU_PGFAULT_FLAGS_PASID_VALID else None
         self.by_prg[key] = Outstanding(group.cookie, group.fault, pasid)
 
+    def outstanding(self) -> int:
+        """How many groups the guest still owes a response (``stats``: prgs_outstanding)."""
+        return len(self.by_prg)
+
     def take(self, vsid: int, prg_index: int) -> Outstanding | None:
         return self.by_prg.pop((vsid, prg_index), None)
 
