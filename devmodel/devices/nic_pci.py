@@ -151,8 +151,9 @@ class NicFunction(PciFunction):
         return self.nic.backend
 
     def counters(self) -> dict[str, int]:
-        """Every NicCounter by lower-case name (the machine's ``stats``)."""
-        return self.nic.counter_dict()
+        """Every NicCounter by lower-case name (the machine's ``stats``), and the
+        ``pri_outstanding`` gauge as the engine has it."""
+        return {**self.nic.counter_dict(), "pri_outstanding": self.nic.port.outstanding}
 
     # --- core plumbing --------------------------------------------------------------------------
     def _schedule(self, fn: Callable[[], None]) -> None:

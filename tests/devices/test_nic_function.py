@@ -405,6 +405,7 @@ def test_pri_success_delivers_after_response_with_backpressure(nic):
     assert (req.StreamID, req.SSV, req.SubstreamID, req.PageAddr, req.W, req.L) == (SID, 1, PASID, RX_BUF, 1, 1)
     assert nic.status() & StatusBit.RX_WAIT_PRG and nic.rx_desc(0).Status == DescStatus.POSTED
     assert nic.sw.events() == []  # ATS no-access is recoverable: no event record
+    assert nic.dev.counters()["pri_outstanding"] == 1  # the stats gauge
     nic.inject(frame(2))
     assert not nic.watched() and select.select([nic.wire.fileno()], [], [], 0)[0]  # backpressure
     nic.map(RX_BUF)
@@ -421,7 +422,7 @@ def test_pri_success_delivers_after_response_with_backpressure(nic):
     assert not nic.status() & StatusBit.RX_WAIT_PRG and nic.watched()
     assert nic.counter(NicCounter.PAGE_REQUESTS) == 2
     assert nic.counter(NicCounter.RX_PACKETS) == 2 and nic.counter(NicCounter.RX_DROPS) == 0
-    assert nic.dev.pri.outstanding == 0
+    assert nic.dev.pri.outstanding == 0 and nic.dev.counters()["pri_outstanding"] == 0
 
 
 def test_pri_groups_both_pages_of_a_straddling_buffer(nic):
