@@ -189,3 +189,18 @@ def test_nic_commands_without_a_nic_fail_with_enodev():
     finally:
         agent.stop()
         world.close()
+
+
+def test_nic_down_returns_rings_and_buffers_to_reserved_memory(host_agent):
+    """Repeated ``nic up``/``nic down`` must not use up the reserved window: down unmaps
+    every page and frees what up allocated, so the next up reuses the same addresses."""
+    agent, _ = host_agent
+    ok(agent, "nic", "up")
+    ok(agent, "nic", "down")  # the first up also built the NIC's STE and context: kept
+    baseline = agent.alloc.used
+    first = ok(agent, "nic", "up", "--buffers", "7")[0]
+    for _ in range(40):  # far more than the window holds without freeing
+        down = ok(agent, "nic", "down")[0]
+        assert int(down["reserved_used"]) == baseline
+        up = ok(agent, "nic", "up", "--buffers", "7")[0]
+        assert (up["rx_ring"], up["tx_ring"]) == (first["rx_ring"], first["tx_ring"])

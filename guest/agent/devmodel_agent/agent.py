@@ -1193,7 +1193,8 @@ class Agent:
                     if ctx.table.unmap(page) is not None:
                         self.smmu.invalidate_page(self.slots["nic"].vsid, ctx, page)
                         unmapped += 1
-        return [fmt("nic_down", unmapped_pages=unmapped)]
+                drv.release(rings)  # stopped and out of its page tables: nothing can reach it
+        return [fmt("nic_down", unmapped_pages=unmapped, reserved_used=self.alloc.used)]
 
     def _frames(self, args, drv: NicDriver) -> list[bytes]:
         if args.hex is not None:

@@ -8,6 +8,7 @@ callbacks). Only these small protocols cross that boundary.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import threading
 from dataclasses import dataclass
@@ -171,41 +172,58 @@ PAGE = 4096
 
 
 class Allocator:
-    """Page-granular allocator over the reserved window, with a free list of single pages.
+    """First-fit, page-granular allocator over the reserved window.
 
-    Queues and tables are allocated once; DMA pages come and go with map/unmap, so freed
-    single pages are reused first. Every allocation is zeroed (hardware must never see
-    stale descriptors).
+    Queues and tables live as long as the agent; NIC rings and buffers come and go with
+    ``nic up``/``nic down``, so freed extents are merged with their neighbours and reused
+    (a bump allocator would run the 16 MiB window dry after a dozen up/down cycles).
+    Every allocation is zeroed: hardware must never see stale descriptors.
     """
 
     def __init__(self, mem: Memory, base: int, size: int) -> None:
         self.mem = mem
         self.base = base
         self.end = base + size
-        self.next = base
-        self.free_pages: list[int] = []
+        #: Free extents (address, bytes), sorted by address, never adjacent.
+        self.holes: list[tuple[int, int]] = [(base, size)]
+        #: Live allocations: address -> bytes (page-rounded).
+        self.blocks: dict[int, int] = {}
         self.lock = threading.Lock()
 
     def alloc(self, size: int, align: int = PAGE) -> int:
         """``size`` zeroed bytes aligned to ``align`` (at least one page); ENOMEM when exhausted."""
-        size = max(size, 1)
+        size = (max(size, 1) + PAGE - 1) & ~(PAGE - 1)
         align = max(align, PAGE)
         with self.lock:
-            if size <= PAGE and align == PAGE and self.free_pages:
-                addr = self.free_pages.pop()
+            for i, (hole, length) in enumerate(self.holes):
+                addr = (hole + align - 1) & ~(align - 1)
+                if addr + size <= hole + length:
+                    rest = [(hole, addr - hole)] if addr > hole else []
+                    if addr + size < hole + length:
+                        rest.append((addr + size, hole + length - addr - size))
+                    self.holes[i:i + 1] = rest
+                    self.blocks[addr] = size
+                    break
             else:
-                addr = (self.next + align - 1) & ~(align - 1)
-                if addr + size > self.end:
-                    raise AgentError(errno.ENOMEM, f"reserved memory exhausted ({size:#x} bytes wanted)")
-                self.next = addr + ((size + PAGE - 1) & ~(PAGE - 1))
-        self.mem.write(addr, bytes((size + PAGE - 1) & ~(PAGE - 1)))
+                raise AgentError(errno.ENOMEM, f"reserved memory exhausted ({size:#x} bytes wanted)")
+        self.mem.write(addr, bytes(size))
         return addr
 
-    def free_page(self, addr: int) -> None:
+    def free(self, addr: int) -> None:
+        """Give back what :meth:`alloc` returned at ``addr``; EINVAL for anything else."""
         with self.lock:
-            if self.base <= addr < self.end and addr not in self.free_pages:
-                self.free_pages.append(addr)
+            size = self.blocks.pop(addr, None)
+            if size is None:
+                raise AgentError(errno.EINVAL, f"{addr:#x} is not an allocation of the reserved window")
+            i = bisect.bisect(self.holes, (addr, 0))
+            if i < len(self.holes) and self.holes[i][0] == addr + size:  # merge the next hole
+                size += self.holes.pop(i)[1]
+            if i and sum(self.holes[i - 1]) == addr:  # merge into the previous one
+                prev, length = self.holes[i - 1]
+                self.holes[i - 1] = (prev, length + size)
+            else:
+                self.holes.insert(i, (addr, size))
 
     @property
     def used(self) -> int:
-        return self.next - self.base - len(self.free_pages) * PAGE
+        return sum(self.blocks.values())

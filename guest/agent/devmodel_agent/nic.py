@@ -182,6 +182,11 @@ class NicDriver:
         bufs = [RxBuffer(i, self.alloc.alloc(span), buf_size) for i in range(buffers)]
         return NicRings(pasid, rx_log2, tx_log2, rx_ring, tx_ring, tx_bufs, buf_size, bufs)
 
+    def release(self, rings: NicRings) -> None:
+        """Return the rings and buffers of a stopped, unmapped NIC to the allocator."""
+        for addr in (rings.rx_ring, rings.tx_ring, rings.tx_bufs, *(b.iova for b in rings.buffers)):
+            self.alloc.free(addr)
+
     def dma_pages(self, rings: NicRings) -> list[int]:
         """Every page the NIC must reach: rings, TX frame buffers, RX buffers."""
         out = list(range(rings.rx_ring, rings.rx_ring + (DESC_SIZE << rings.rx_log2), PAGE))
