@@ -301,6 +301,9 @@ class _Connection:
                 self.receive()
                 if deferred:
                     server._flush_deferred()
+        except Exception:  # a server bug: drop this client, never leave it hanging
+            log.exception("%s: serving the client failed; closing the connection", self.endpoint.path)
+            self.close()
         finally:
             server.end_serving()
             try:
@@ -871,6 +874,8 @@ class Server(EventLoop):
         super().__init__()
         self._endpoints: dict[str, _Endpoint] = {}
         self._listeners: dict[int, _Endpoint] = {}
+        #: Connection reader threads, joined by stop() (a closing one may outlive ep.conn).
+        self._readers: list[threading.Thread] = []
 
     # -- public API ---------------------------------------------------------------------
 
@@ -917,6 +922,7 @@ class Server(EventLoop):
         conn = _Connection(self, ep, sock)
         ep.conn = conn
         conn.start()
+        self._readers = [t for t in self._readers if t.is_alive()] + [conn.thread]
         log.info("%s: client connected", ep.path)
 
     def _shutdown(self) -> None:
@@ -925,11 +931,13 @@ class Server(EventLoop):
         self._closed = True
         self._flush_deferred()
         for ep in self._endpoints.values():
-            conn = ep.conn
-            if conn is not None:
-                conn.close()
-                if conn.thread is not None and conn.thread is not threading.current_thread():
-                    conn.thread.join(timeout=10)
+            if ep.conn is not None:
+                ep.conn.close()
+        # Readers hand their last deferred work to the workers on the way out: before those stop.
+        for t in self._readers:
+            if t is not threading.current_thread():
+                t.join(timeout=10)
+        for ep in self._endpoints.values():
             self._unregister(ep.sock.fileno())
             ep.sock.close()
             try:

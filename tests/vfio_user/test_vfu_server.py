@@ -175,3 +175,33 @@ def test_reader_removed_while_its_event_waits_for_the_model_lock_does_not_run(vf
     time.sleep(0.1)
     assert fired == []
     os.close(efd)
+
+
+def test_a_server_bug_while_serving_drops_that_client_only(sockdir, tdev, monkeypatch) -> None:
+    """An unexpected exception in a reader thread (a bug, not bad input: that gets an errno)
+    closes that connection, so the client sees it, and the next client is served."""
+    import vfio_user.server as server_mod
+
+    s = Server()
+    path = os.path.join(sockdir, "bug.sock")
+    s.add_device(path, tdev.VfuTestDevice())
+    s.start_in_thread()
+    c = Client(path, timeout=5)
+    c.negotiate()
+    real = server_mod._Connection.receive
+
+    def broken(self):
+        monkeypatch.setattr(server_mod._Connection, "receive", real)
+        raise RuntimeError("injected server bug")
+
+    monkeypatch.setattr(server_mod._Connection, "receive", broken)
+    c.region_read(0, tdev.REG_SCRATCH, 4)  # served by the receive() already waiting in recvmsg
+    with pytest.raises((ConnectionError, OSError)):  # the next receive() was the broken one
+        c.region_read(0, tdev.REG_SCRATCH, 4)
+    c.close()
+    c2 = Client(path, timeout=5)
+    c2.negotiate()
+    c2.region_write(0, tdev.REG_SCRATCH, b"okay")
+    assert c2.region_read(0, tdev.REG_SCRATCH, 4) == b"okay"
+    c2.close()
+    s.stop()
