@@ -8,12 +8,13 @@ attached. That keeps every device model runnable, unchanged, on either backend.
 Concurrency, the one rule that matters
 --------------------------------------
 All device callbacks run with the process-wide :data:`MODEL_LOCK` held (think of QEMU's
-big lock): region accesses and resets in the event-loop thread, scheduled work in the
-device's worker thread. Region accesses are answered from the loop thread at once, so a
-reply is never stuck behind device work. Work that does DMA must be scheduled with
-:meth:`DeviceContext.call_soon`: a DMA served by messages (guest RAM without an fd) blocks
-the worker until the client answers and releases :data:`MODEL_LOCK` while it waits, so the
-loop keeps serving requests. DMA from inside a region-access callback raises
+big lock): region accesses and resets in a serving thread (the client's reader thread on
+the Python server, the event-loop thread on libvfio-user), fd callbacks in the loop
+thread, scheduled work in the device's worker thread. Region accesses are answered at
+once, so a reply is never stuck behind device work. Work that does DMA must be scheduled
+with :meth:`DeviceContext.call_soon`: a DMA served by messages (guest RAM without an fd)
+blocks the worker until the client answers and releases :data:`MODEL_LOCK` while it waits,
+so requests keep being served. DMA from a serving thread raises
 :class:`DmaFromHandlerError` instead of deadlocking QEMU.
 """
 

@@ -271,7 +271,7 @@ class LibvfuMemory(DmaPort):
         ep = self._ep
         write = data is not None
         if ep.server.in_serving_thread():
-            raise DmaFromHandlerError("DMA from the event-loop thread; use ctx.call_soon()")
+            raise DmaFromHandlerError("DMA from a request handler or fd callback; use ctx.call_soon()")
         with MODEL_LOCK:
             if not ep.attached:
                 raise LibvfuDmaError(addr, size, write, errno.ENOTCONN, "client disconnected")

@@ -158,7 +158,7 @@ class ClientMemory(DmaPort):
         conn = self._conn
         write = data is not None
         if conn.server.in_serving_thread():
-            raise DmaFromHandlerError("DMA from the event-loop thread; use ctx.call_soon()")
+            raise DmaFromHandlerError("DMA from a request handler or fd callback; use ctx.call_soon()")
         if conn.closed:
             raise MessageDmaError(addr, size, write, errno.ENOTCONN, "client disconnected")
         need = 2 if write else 1  # DMA_FLAG_WRITE / DMA_FLAG_READ
@@ -856,7 +856,8 @@ class _Connection:
 
 
 class Server(EventLoop):
-    """One event loop serving vfio-user devices on UNIX sockets.
+    """One event loop (listeners, model fds) and a reader thread per client, serving
+    vfio-user devices on UNIX sockets.
 
     Usage: ``s = Server(); s.add_device(path, dev); s.start_in_thread(); ...; s.stop()``.
     """
