@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 from devmodel.memory import BusError
 from vfio_user.dma import DmaPort
-from vfio_user.loop import EventLoop, Worker, remove_stale_socket
+from vfio_user.loop import ContextReaders, EventLoop, Worker, remove_stale_socket
 from vfio_user.device import (
     MODEL_LOCK,
     VFIO_REGION_INFO_FLAG_READ,
@@ -322,14 +322,17 @@ class LibvfuMemory(DmaPort):
 # Worker, context, endpoint
 
 
-class _Context:
+class _Context(ContextReaders):
     """The :class:`vfio_user.device.DeviceContext` of one attached client."""
 
     def __init__(self, ep: "_Endpoint") -> None:
+        super().__init__(ep.server, ep.worker)
         self._ep = ep
         self.dma = LibvfuMemory(ep)
-        self._readers: set[int] = set()
         self.closed = False
+
+    def detached(self) -> bool:
+        return self.closed
 
     def trigger_irq(self, index: int, subindex: int = 0) -> bool:
         """INTx/MSI/MSI-X through vfu_irq_trigger (which signals the enabled type)."""
@@ -347,24 +350,9 @@ class _Context:
         log.debug("%s: IRQ %d/%d triggered", ep.path, index, subindex)
         return True
 
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        self._ep.server._schedule(self._ep.worker, fn)
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        if self.closed:
-            raise RuntimeError("device context is detached")
-        self._readers.add(fd)
-        self._ep.server.add_reader(fd, callback)
-
-    def remove_reader(self, fd: int) -> None:
-        if fd in self._readers:
-            self._readers.discard(fd)
-            self._ep.server.remove_reader(fd)
-
     def close(self) -> None:
         self.closed = True
-        for fd in list(self._readers):
-            self.remove_reader(fd)
+        self.drop_readers()
 
 
 class _Endpoint:

@@ -51,6 +51,40 @@ class Worker:
             self.thread.join(timeout=5)
 
 
+class ContextReaders:
+    """The ``call_soon``/``add_reader``/``remove_reader`` half of a backend's DeviceContext.
+
+    Both backends keep the fds a model watches per attached client, so detaching the client
+    drops exactly those (:meth:`drop_readers`); a detached context refuses new ones.
+    """
+
+    def __init__(self, loop: "EventLoop", worker: Worker) -> None:
+        self._loop = loop
+        self._worker = worker
+        self._readers: set[int] = set()
+
+    def detached(self) -> bool:
+        raise NotImplementedError
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        self._loop._schedule(self._worker, fn)
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        if self.detached():
+            raise RuntimeError("device context is detached")
+        self._readers.add(fd)
+        self._loop.add_reader(fd, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        if fd in self._readers:
+            self._readers.discard(fd)
+            self._loop.remove_reader(fd)
+
+    def drop_readers(self) -> None:
+        for fd in list(self._readers):
+            self.remove_reader(fd)
+
+
 class EventLoop:
     """The loop half of a server; subclasses add devices and implement :meth:`_shutdown`."""
 

@@ -43,7 +43,7 @@ from vfio_user.device import (
     VfioUserDevice,
 )
 from vfio_user.dma import DmaMap, DmaPort
-from vfio_user.loop import EventLoop, Worker, remove_stale_socket
+from vfio_user.loop import ContextReaders, EventLoop, Worker, remove_stale_socket
 from vfio_user.irqs import IrqState
 from vfio_user.protocol import (
     CAP_HEADER,
@@ -188,37 +188,22 @@ class ClientMemory(DmaPort):
         return bytes(out)
 
 
-class _Context:
+class _Context(ContextReaders):
     """The :class:`vfio_user.device.DeviceContext` of one connection."""
 
     def __init__(self, conn: "_Connection") -> None:
+        super().__init__(conn.server, conn.endpoint.worker)
         self._conn = conn
         self.dma = ClientMemory(conn)
-        self._readers: set[int] = set()
+
+    def detached(self) -> bool:
+        return self._conn.closed
 
     def trigger_irq(self, index: int, subindex: int = 0) -> bool:
         with MODEL_LOCK:
             if self._conn.closed or self._conn.irqs is None:
                 return False
             return self._conn.irqs.trigger(index, subindex)
-
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        self._conn.server._schedule(self._conn.endpoint.worker, fn)
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        if self._conn.closed:
-            raise RuntimeError("device context is detached")
-        self._readers.add(fd)
-        self._conn.server.add_reader(fd, callback)
-
-    def remove_reader(self, fd: int) -> None:
-        if fd in self._readers:
-            self._readers.discard(fd)
-            self._conn.server.remove_reader(fd)
-
-    def _close(self) -> None:
-        for fd in list(self._readers):
-            self.remove_reader(fd)
 
 
 # ---------------------------------------------------------------------------------------
@@ -492,7 +477,7 @@ class _Connection:
         except OSError:
             pass
         with MODEL_LOCK:
-            self.ctx._close()
+            self.ctx.drop_readers()
             if self.negotiated:
                 try:
                     self.device.detach()
