@@ -83,6 +83,9 @@ from devmodel.devices.dma_engine import DmaEngine
 from devmodel.devices.dma_engine_records import (CTRL_ENABLE, ENGINE_ID, QCFG_LOG2SIZE_MASK, QCFG_PASID_EN,
                                                  QCFG_PASID_MASK, QCFG_PASID_SHIFT, STATUS_ENABLED,
                                                  STATUS_HALTED, STATUS_WAIT_PRG, FaultCounter, Reg)
+from devmodel.devices.endpoint_bars import (DWORD, MSIX_BAR, MSIX_BAR_SIZE, MSIX_PBA_OFFSET,
+                                            MSIX_TABLE_OFFSET, REG_WIDTH, REGS_BAR, REGS_SIZE,
+                                            SplitRegisters)
 from devmodel.memory import Memory
 from devmodel.pci import (AtsCapability, Bar, MsiCapability, MsixCapability, PasidCapability,
                           PciExpressCapability, PciFunction, PriCapability, regs)
@@ -95,16 +98,8 @@ DMAENG_CLASS = 0x088000
 MSIX_VECTORS = 2
 PRI_CAPACITY = 32
 
-REGS_BAR = 0
-REGS_SIZE = 0x1000
-MSIX_BAR = 2
-MSIX_BAR_SIZE = 0x1000
-MSIX_TABLE_OFFSET = 0x000
-MSIX_PBA_OFFSET = 0x800
-REG_WIDTH = 4
 QUEUE_BASE_HI = Reg.QUEUE_BASE + REG_WIDTH
 FAULTS_END = Reg.FAULTS + REG_WIDTH * len(FaultCounter)
-DWORD = 0xFFFFFFFF
 
 
 class CapabilityPri:
@@ -140,7 +135,7 @@ class CapabilityPri:
         self.cap.note_outstanding(count)
 
 
-class DmaEngineFunction(PciFunction):
+class DmaEngineFunction(SplitRegisters, PciFunction):
     """The DMA engine endpoint; see the module docstring for its register map."""
 
     vendor_id = DMAENG_VENDOR_ID
@@ -227,19 +222,11 @@ class DmaEngineFunction(PciFunction):
             self._clear_registers()
 
     # --- BAR0 ---------------------------------------------------------------------------------
-    def _reg_read(self, offset: int, size: int) -> int:
-        if size == 8:
-            return self._read32(offset) | self._read32(offset + REG_WIDTH) << 32
-        return self._read32(offset)
-
-    def _reg_write(self, offset: int, size: int, value: int) -> None:
-        if size == 8 and offset == Reg.QUEUE_BASE:
-            self._write_queue_base(value)
-        elif size == 8:
-            self._write32(offset, value & DWORD)
-            self._write32(offset + REG_WIDTH, value >> 32)
-        else:
-            self._write32(offset, value)
+    def _write64(self, offset: int, value: int) -> bool:
+        if offset != Reg.QUEUE_BASE:
+            return False
+        self._write_queue_base(value)
+        return True
 
     def _read32(self, offset: int) -> int:
         eng = self.engine

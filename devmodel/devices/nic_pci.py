@@ -66,6 +66,9 @@ from devmodel.devices.dma_engine_pci import CapabilityPri
 from devmodel.devices.nic import Nic, Ring
 from devmodel.devices.nic_records import DEFAULT_MAC, MSIX_VECTORS, NIC_ID, NicCounter, Reg
 from devmodel.devices.packet_backend import PacketBackend
+from devmodel.devices.endpoint_bars import (DWORD, MSIX_BAR, MSIX_BAR_SIZE, MSIX_PBA_OFFSET,
+                                            MSIX_TABLE_OFFSET, REG_WIDTH, REGS_BAR, REGS_SIZE,
+                                            SplitRegisters)
 from devmodel.memory import Memory
 from devmodel.pci import (AtsCapability, Bar, MsixCapability, PasidCapability, PciExpressCapability,
                           PciFunction, PriCapability, regs)
@@ -78,20 +81,12 @@ NIC_DEVICE_ID = 0x10F3
 NIC_CLASS = 0x020000
 PRI_CAPACITY = 32
 
-REGS_BAR = 0
-REGS_SIZE = 0x1000
-MSIX_BAR = 2
-MSIX_BAR_SIZE = 0x1000
-MSIX_TABLE_OFFSET = 0x000
-MSIX_PBA_OFFSET = 0x800
-REG_WIDTH = 4
 RX_BASE_HI = Reg.RX_BASE + REG_WIDTH
 TX_BASE_HI = Reg.TX_BASE + REG_WIDTH
 COUNTERS_END = Reg.COUNTERS + REG_WIDTH * len(NicCounter)
-DWORD = 0xFFFFFFFF
 
 
-class NicFunction(PciFunction):
+class NicFunction(SplitRegisters, PciFunction):
     """The NIC endpoint; see the module docstring for its register map."""
 
     vendor_id = NIC_VENDOR_ID
@@ -232,19 +227,11 @@ class NicFunction(PciFunction):
         super().close()
 
     # --- BAR0 ---------------------------------------------------------------------------------
-    def _reg_read(self, offset: int, size: int) -> int:
-        if size == 8:
-            return self._read32(offset) | self._read32(offset + REG_WIDTH) << 32
-        return self._read32(offset)
-
-    def _reg_write(self, offset: int, size: int, value: int) -> None:
-        if size == 8 and offset in (Reg.RX_BASE, Reg.TX_BASE):
-            self._write_base(self._ring_at(offset), value)
-        elif size == 8:
-            self._write32(offset, value & DWORD)
-            self._write32(offset + REG_WIDTH, value >> 32)
-        else:
-            self._write32(offset, value)
+    def _write64(self, offset: int, value: int) -> bool:
+        if offset not in (Reg.RX_BASE, Reg.TX_BASE):
+            return False
+        self._write_base(self._ring_at(offset), value)
+        return True
 
     def _ring_at(self, offset: int) -> Ring:
         return self.nic.rx if offset < Reg.TX_BASE else self.nic.tx
